@@ -1,0 +1,49 @@
+"""share-diffusers: continual text-to-image personalization in one shared low-rank subspace.
+
+Importing the package adds ``load_share``, ``set_share_concepts``, ``fuse_share``,
+``unfuse_share``, ``unload_share`` and ``share_concepts`` to every ``DiffusionPipeline``
+(never replacing an attribute Diffusers already has). The same operations are plain functions
+here, and `ShareLoaderMixin` offers them to pipeline subclasses.
+"""
+
+from .io import ShareFileError, read_share, save_share
+from .lora import loras_to_share, read_lora, share_to_lora
+from .pipeline import (
+    ShareConcept,
+    ShareLoaderMixin,
+    fuse_share,
+    install,
+    load_share,
+    set_share_concepts,
+    share_concepts,
+    unfuse_share,
+    unload_share,
+)
+from .processor import ShareAttnProcessor
+from .subspace import LayerShare, NewConcept, ShareState
+
+__version__ = "0.1.0"
+
+install()
+
+__all__ = [
+    "LayerShare",
+    "NewConcept",
+    "ShareAttnProcessor",
+    "ShareConcept",
+    "ShareFileError",
+    "ShareLoaderMixin",
+    "ShareState",
+    "fuse_share",
+    "install",
+    "load_share",
+    "loras_to_share",
+    "read_lora",
+    "read_share",
+    "save_share",
+    "set_share_concepts",
+    "share_concepts",
+    "share_to_lora",
+    "unfuse_share",
+    "unload_share",
+]

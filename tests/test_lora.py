@@ -1,0 +1,133 @@
+"""LoRA files in every common key style → one Share file → back to standard Diffusers LoRA files."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import share_diffusers  # noqa: F401
+from share_diffusers import loras_to_share, read_lora, read_share, share_to_lora
+from share_diffusers.pipeline import pipeline_shapes
+from tiny_pipelines import tiny_sd
+
+
+def random_lora(shapes, rank, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {l: (torch.randn(n, rank, generator=g) * 0.3, torch.randn(rank, d, generator=g) * 0.3) for l, (n, d) in shapes.items()}
+
+
+def write(style, lora, path, alpha=None):
+    """Write ``{layer: (up n×r, down r×d)}`` as a LoRA file in one of the styles people have."""
+    tensors, meta = {}, {"format": "pt"}
+    rank = next(iter(lora.values()))[0].shape[1]
+    for layer, (up, down) in lora.items():
+        component, _, module = layer.partition(".")
+        te_module = "text_model." + module
+        if style == "diffusers":
+            if component == "unet":
+                tensors[f"unet.{module}.lora.down.weight"], tensors[f"unet.{module}.lora.up.weight"] = down, up
+            else:
+                tensors[f"{component}.{te_module}.lora_linear_layer.down.weight"] = down
+                tensors[f"{component}.{te_module}.lora_linear_layer.up.weight"] = up
+        elif style == "peft_metadata":
+            tensors[f"{component}.{module}.lora_A.weight"], tensors[f"{component}.{module}.lora_B.weight"] = down, up
+        elif style == "kohya":
+            prefix = "lora_unet_" + module if component == "unet" else "lora_te_" + te_module
+            key = prefix.replace(".", "_")
+            tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = down, up
+            tensors[f"{key}.alpha"] = torch.tensor(float(alpha))
+        elif style == "peft_folder":
+            tensors[f"base_model.model.{module}.lora_A.weight"], tensors[f"base_model.model.{module}.lora_B.weight"] = down, up
+    if style == "peft_metadata":
+        cfg = {f"{c}.{k}": v for c in ("unet", "text_encoder") for k, v in {"r": rank, "lora_alpha": alpha}.items()}
+        meta["lora_adapter_metadata"] = json.dumps(cfg)
+    if style == "peft_folder":
+        path.mkdir()
+        (path / "adapter_config.json").write_text(json.dumps({"r": rank, "lora_alpha": alpha, "peft_type": "LORA"}))
+        path = path / "adapter_model.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata=meta)
+
+
+STYLES = [("diffusers", None, 2), ("peft_metadata", 8, 4), ("kohya", 3, 3), ("peft_folder", 1, 2), ("diffusers", None, 1)]
+
+
+@pytest.fixture
+def loras(tmp_path):
+    pipe = tiny_sd()
+    shapes = pipeline_shapes(pipe)
+    files, truth = [], []
+    for i, (style, alpha, rank) in enumerate(STYLES):
+        use = shapes if style != "peft_folder" else {k: v for k, v in shapes.items() if k.startswith("unet.")}
+        lora = random_lora(use, rank, seed=i)
+        path = tmp_path / (f"lora{i}" if style == "peft_folder" else f"lora{i}.safetensors")
+        write(style, lora, path, alpha)
+        scale = 1.0 if alpha is None else alpha / rank
+        files.append(path)
+        truth.append({l: up @ down * scale for l, (up, down) in lora.items()})
+    return pipe, files, truth
+
+
+def test_every_key_style_reads_back_the_scaled_delta(loras):
+    _, files, truth = loras
+    for path, expected in zip(files, truth):
+        factors = read_lora(path)
+        assert set(factors) == set(expected), path
+        for layer, (B, A) in factors.items():
+            torch.testing.assert_close(B @ A.mT, expected[layer], atol=1e-5, rtol=1e-5)
+
+
+def test_loras_to_share_then_share_to_lora_round_trips_through_load_lora_weights(loras, tmp_path):
+    pipe, files, truth = loras
+    names = [f"concept{i}" for i in range(len(files))]
+    report = loras_to_share(files, tmp_path / "all.safetensors", names=names, basis_rank=64, shapes=pipeline_shapes(pipe))
+    for name in names:  # k = 64 holds every rank-≤4 LoRA of these small layers exactly
+        assert report[name]["overall"] < 1e-5
+    state, _ = read_share(tmp_path / "all.safetensors")
+    for name, expected in zip(names, truth):
+        for layer, delta in expected.items():
+            torch.testing.assert_close(state.delta(layer, {name: 1.0}), delta, atol=1e-5, rtol=1e-4)
+
+    ids = pipe.tokenizer(["a photo of a cat"], padding="max_length", return_tensors="pt").input_ids
+    g = torch.Generator().manual_seed(0)
+    sample, ehs = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 7, 24, generator=g)
+    for name in names:
+        share_to_lora(tmp_path / "all.safetensors", name, tmp_path / f"{name}.safetensors")
+        pipe.load_share(tmp_path / "all.safetensors")
+        pipe.set_share_concepts(name)
+        with torch.no_grad():
+            want = pipe.unet(sample, 10, ehs).sample, pipe.text_encoder(ids).last_hidden_state
+        pipe.unload_share()
+        pipe.load_lora_weights(tmp_path / f"{name}.safetensors", adapter_name=name)
+        with torch.no_grad():
+            got = pipe.unet(sample, 10, ehs).sample, pipe.text_encoder(ids).last_hidden_state
+        pipe.unload_lora_weights()
+        for g_, w_ in zip(got, want):
+            torch.testing.assert_close(g_, w_, atol=5e-5, rtol=1e-5)
+
+
+def test_compression_reports_the_reconstruction_error_and_exports_mixes(loras, tmp_path):
+    pipe, files, truth = loras
+    report = loras_to_share(files, tmp_path / "small.safetensors", basis_rank=3)
+    state, header = read_share(tmp_path / "small.safetensors")
+    for name, expected in zip(state.names, truth):
+        num = sum(((state.delta(l, {name: 1.0}) - d) ** 2).sum() for l, d in expected.items())
+        den = sum((d**2).sum() for d in expected.values())
+        assert report[name]["overall"] == pytest.approx((num / den).sqrt().item(), rel=1e-3)
+        assert report[name]["overall"] > 0.05
+    mix = {state.names[0]: 0.5, state.names[2]: 2.0}
+    share_to_lora(tmp_path / "small.safetensors", mix, tmp_path / "mix.safetensors")
+    exported = read_lora(tmp_path / "mix.safetensors")
+    for layer, (B, A) in exported.items():
+        torch.testing.assert_close(B @ A.mT, state.delta(layer, mix), atol=1e-5, rtol=1e-4)
+
+
+def test_bad_lora_inputs_name_the_problem(tmp_path):
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(ValueError, match="not a readable safetensors LoRA"):
+        read_lora(tmp_path / "junk.safetensors")
+    save_file({"unet.conv_in.lora_A.weight": torch.zeros(2, 4), "unet.conv_in.lora_B.weight": torch.zeros(4, 2)}, tmp_path / "conv.safetensors")
+    with pytest.raises(ValueError, match="no LoRA layers on attention projections.*unet.conv_in"):
+        read_lora(tmp_path / "conv.safetensors")
+    with pytest.raises(FileNotFoundError):
+        read_lora(tmp_path / "nothing.safetensors")

@@ -1,0 +1,111 @@
+"""Tiny SD-1-style and SDXL-style pipelines built from configs, offline (no hub), in milliseconds."""
+
+import json
+from functools import lru_cache
+from pathlib import Path
+import tempfile
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from share_diffusers.pipeline import pipeline_shapes
+from share_diffusers.subspace import ShareState
+from share_diffusers.io import save_share
+
+
+@lru_cache
+def tokenizer_dir() -> str:
+    """A byte-level CLIP vocabulary with no merges: every character is a token, nothing is unknown."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    path = Path(tempfile.mkdtemp(prefix="tiny-clip-tok-"))
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))
+    return str(path)
+
+
+def tokenizer():
+    return CLIPTokenizer.from_pretrained(tokenizer_dir())
+
+
+def text_config(hidden=32, projection_dim=None):
+    return CLIPTextConfig(
+        bos_token_id=512, eos_token_id=513, pad_token_id=513, hidden_size=hidden, intermediate_size=37,
+        num_attention_heads=4, num_hidden_layers=2, vocab_size=1000, projection_dim=projection_dim or hidden,
+    )
+
+
+def tiny_sd(seed=0) -> StableDiffusionPipeline:
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24, attention_head_dim=8, norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[8, 16], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+    )
+    text_encoder = CLIPTextModel(text_config(hidden=24))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False)
+    return _set(
+        StableDiffusionPipeline(
+            unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer(), scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    )
+
+
+def _set(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sdxl(seed=0) -> StableDiffusionXLPipeline:
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        attention_head_dim=(4, 8), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[8, 16], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, sample_size=16,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, steps_offset=1, beta_schedule="scaled_linear", timestep_spacing="leading"
+    )
+    return _set(
+        StableDiffusionXLPipeline(
+            unet=unet, vae=vae, scheduler=scheduler,
+            text_encoder=CLIPTextModel(text_config()), tokenizer=tokenizer(),
+            text_encoder_2=CLIPTextModelWithProjection(text_config()), tokenizer_2=tokenizer(),
+        )
+    )
+
+
+def random_share(pipe, path, names=("cat", "dog", "owl"), p=2, scale=0.3, k_max=64, seed=0, components=None):
+    """A Share file for ``pipe`` with random concepts; returns the state written."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = pipeline_shapes(pipe, components)
+    new = {
+        name: {l: (torch.randn(n, p, generator=g) * scale, torch.randn(d, p, generator=g) * scale) for l, (n, d) in shapes.items()}
+        for name in names
+    }
+    meta = {name: {"trigger": f"<{name}>"} for name in names}
+    state, _ = ShareState.empty(shapes).merge(new, meta=meta, k_max=k_max)
+    save_share(state, path)
+    return state
