@@ -186,18 +186,15 @@ def lora_factors(state: ShareState, selection: str | dict[str, float]) -> Factor
     return factors
 
 
-def share_to_lora(
-    share_path: str | os.PathLike, concept: str | dict[str, float], output_path: str | os.PathLike
-) -> Path:
-    """Write one concept (or a ``{name: weight}`` mix) as a standard Diffusers LoRA file.
+def write_lora(factors: Factors, output_path: str | os.PathLike) -> Path:
+    """Write ``{layer: (B n×r, A d×r)}`` as a standard Diffusers LoRA file (scale 1), atomically.
 
-    Keys are PEFT-style (``unet.<module>.lora_A.weight``), scale 1, text-encoder modules under
-    ``text_model.`` (Diffusers drops it for text encoders that do not have that level), so
-    ``pipe.load_lora_weights(output_path)`` reproduces the concept exactly.
+    Keys are PEFT-style (``unet.<module>.lora_A.weight``); text-encoder modules go under
+    ``text_model.`` (Diffusers drops that level for text encoders that do not have it), so
+    ``pipe.load_lora_weights(output_path)`` reproduces the delta exactly.
     """
-    state, _ = read_share(share_path)
     tensors = {}
-    for layer, (B, A) in lora_factors(state, concept).items():
+    for layer, (B, A) in factors.items():
         component, _, module = layer.partition(".")
         if component != "unet":
             module = "text_model." + module
@@ -206,3 +203,11 @@ def share_to_lora(
     output_path = Path(output_path)
     atomic_write(output_path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     return output_path
+
+
+def share_to_lora(
+    share_path: str | os.PathLike, concept: str | dict[str, float], output_path: str | os.PathLike
+) -> Path:
+    """Write one concept (or a ``{name: weight}`` mix) of a Share file as a standard Diffusers LoRA file."""
+    state, _ = read_share(share_path)
+    return write_lora(lora_factors(state, concept), output_path)

@@ -37,31 +37,33 @@ class ShareConcept:
     prompt: str | None = None
 
 
+def model_shapes(models: dict[str, torch.nn.Module]) -> dict[str, tuple[int, int]]:
+    """Share's adaptable layers of some models: ``{"unet.<module>": (n, d), …}`` for ``{"unet": unet, …}``."""
+    return {
+        f"{component}.{name}": layer_shape(module)
+        for component, model in models.items()
+        for name, module in find_targets(model, COMPONENT_KINDS[component]).items()
+    }
+
+
 def pipeline_shapes(pipe, components=None) -> dict[str, tuple[int, int]]:
-    """Share's adaptable layers of a pipeline: ``{"unet.<module>": (n, d), …}``."""
-    shapes = {}
-    for component, kind in COMPONENT_KINDS.items():
-        model = getattr(pipe, component, None)
-        if model is None or (components is not None and component not in components):
-            continue
-        for name, module in find_targets(model, kind).items():
-            shapes[f"{component}.{name}"] = layer_shape(module)
-    return shapes
+    """Share's adaptable layers of a pipeline's UNet and text encoders (or of ``components``)."""
+    models = {c: getattr(pipe, c, None) for c in COMPONENT_KINDS if components is None or c in components}
+    return model_shapes({c: m for c, m in models.items() if m is not None})
 
 
-def check_compatible(state_shapes: dict[str, tuple[int, int]], pipe, source: str = "This Share file") -> None:
-    """Raise, naming the first mismatches, unless every layer exists in ``pipe`` with the same shape."""
-    have = pipeline_shapes(pipe)
+def check_compatible(file_shapes: dict, have: dict, source: str = "This Share file") -> None:
+    """Raise, naming the first mismatches, unless every layer of the file exists in ``have`` with its shape."""
     problems = []
-    for name, shape in state_shapes.items():
+    for name, shape in file_shapes.items():
         if name not in have:
-            problems.append(f"{name} is not in this pipeline")
+            problems.append(f"{name} is not in this model")
         elif tuple(have[name]) != tuple(shape):
-            problems.append(f"{name} is {tuple(shape)} in the file but {tuple(have[name])} in the pipeline")
+            problems.append(f"{name} is {tuple(shape)} in the file but {tuple(have[name])} in the model")
     if problems:
         raise ShareFileError(
-            f"{source} was made for another base model: {len(problems)} of its {len(state_shapes)} layers do not "
-            f"match this pipeline, e.g. " + "; ".join(problems[:3]) + "."
+            f"{source} was made for another base model: {len(problems)} of its {len(file_shapes)} layers do not "
+            f"match, e.g. " + "; ".join(problems[:3]) + "."
         )
 
 
@@ -254,16 +256,21 @@ def _runtime(pipe) -> ShareRuntime:
 # -- the public API (functions; also installed as pipeline methods) ------------------------------
 
 
-def load_share(pipe, pretrained_model_name_or_path: str | os.PathLike, weight_name: str | None = None) -> None:
-    """Load a Share file (a path, or a folder holding ``share.safetensors``) into the pipeline.
+def load_share(
+    pipe, pretrained_model_name_or_path_or_state: str | os.PathLike | ShareState, weight_name: str | None = None
+) -> None:
+    """Load a Share file (a path, or a folder holding ``share.safetensors``) or a `ShareState` into the pipeline.
 
     Every concept becomes available at once; none is selected (the pipeline still gives the
     base model's images until `set_share_concepts`). A Share file already loaded is replaced.
     The file is validated against the pipeline first: on any error nothing is changed.
     """
-    path = resolve_path(pretrained_model_name_or_path, weight_name)
-    state, header = read_share(path)
-    check_compatible(state.shapes, pipe, f"The Share file {path}")
+    if isinstance(pretrained_model_name_or_path_or_state, ShareState):
+        state, header, path = pretrained_model_name_or_path_or_state, {}, "<in-memory ShareState>"
+    else:
+        path = resolve_path(pretrained_model_name_or_path_or_state, weight_name)
+        state, header = read_share(path)
+    check_compatible(state.shapes, pipeline_shapes(pipe), f"The Share file {path}")
     previous = getattr(pipe, "_share_runtime", None)
     if previous is not None:
         previous.close()

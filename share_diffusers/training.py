@@ -1,0 +1,190 @@
+"""Pieces every trainer here shares: reading a concept's images, the data pipeline, the denoising loss,
+and attaching a new concept's trainable parametrisation to the models.
+
+``train/learn_concept.py`` (Share, with Accelerate) and the LoRA baselines of the benchmarks use
+the same functions, so "same data, same loss, same steps" holds by construction.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from .processor import ShareAdapter, attach, detach
+from .subspace import NewConcept, ShareState
+
+IGNORED_SUFFIXES = {".txt", ".json", ".md", ".caption"}
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+@dataclass
+class Example:
+    image: Image.Image
+    caption: str
+    path: Path
+
+
+def read_instance_images(folder: str | Path, instance_prompt: str | None) -> list[Example]:
+    """The images of a folder, each with its caption (``<image>.txt`` beside it, else ``instance_prompt``).
+
+    Every file that is not a caption/metadata file must be a readable image: bad files are
+    reported together, by name, so the user can fix the folder in one go.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Image folder {folder} does not exist.")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() not in IGNORED_SUFFIXES)
+    examples, bad = [], []
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise ValueError(f"{im.width}×{im.height} is too large")
+                image = ImageOps.exif_transpose(im).convert("RGB")
+        except Exception as e:  # PIL raises many types for bad files
+            bad.append(f"{path.name} ({type(e).__name__}: {e})" if isinstance(e, ValueError) else path.name)
+            continue
+        caption_file = path.with_suffix(".txt")
+        caption = caption_file.read_text().strip() if caption_file.is_file() else instance_prompt
+        if not caption:
+            raise ValueError(f"{path.name} has no caption file and no --instance_prompt was given.")
+        examples.append(Example(image, caption, path))
+    if bad:
+        raise ValueError(f"Unreadable image files in {folder}: {', '.join(bad)}.")
+    if not examples:
+        raise ValueError(f"No images in {folder}.")
+    return examples
+
+
+def prepare_image(image: Image.Image, resolution: int, center_crop: bool, flip: bool, rng: random.Random) -> torch.Tensor:
+    """Resize the short side to ``resolution``, crop a square, optionally mirror; CHW in [-1, 1]."""
+    scale = resolution / min(image.size)
+    image = image.resize((max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))), Image.BICUBIC)
+    left = (image.width - resolution) // 2 if center_crop else rng.randint(0, image.width - resolution)
+    top = (image.height - resolution) // 2 if center_crop else rng.randint(0, image.height - resolution)
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        image = ImageOps.mirror(image)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+class ConceptDataset(torch.utils.data.Dataset):
+    """Instance examples (and optional prior-preservation class examples) as training items.
+
+    An item is ``{"pixel_values", "caption", "key"}``; ``key`` = (example, flipped) identifies the
+    deterministic view of an image so that its latent can be cached when crops are deterministic.
+    """
+
+    def __init__(self, examples: list[Example], resolution: int, center_crop=False, random_flip=False, class_examples=(), seed=0):
+        self.examples, self.class_examples = examples, list(class_examples)
+        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+        self.rng = random.Random(seed)
+
+    def deterministic_crops(self) -> bool:
+        return self.center_crop or all(min(e.image.size) == max(e.image.size) for e in self.examples + self.class_examples)
+
+    def __len__(self) -> int:
+        return max(len(self.examples), len(self.class_examples))
+
+    def item(self, example: Example, index: int) -> dict:
+        flip = self.random_flip and self.rng.random() < 0.5
+        pixels = prepare_image(example.image, self.resolution, self.center_crop, flip, self.rng)
+        return {"pixel_values": pixels, "caption": example.caption, "key": (index, flip)}
+
+    def __getitem__(self, i: int) -> dict:
+        out = {"instance": self.item(self.examples[i % len(self.examples)], i % len(self.examples))}
+        if self.class_examples:
+            j = i % len(self.class_examples)
+            out["class"] = self.item(self.class_examples[j], len(self.examples) + j)
+        return out
+
+
+def collate(items: list[dict]) -> dict:
+    """Instance examples first, then class examples: one forward pass covers both (as DreamBooth)."""
+    parts = [it["instance"] for it in items] + [it["class"] for it in items if "class" in it]
+    return {
+        "pixel_values": torch.stack([p["pixel_values"] for p in parts]),
+        "captions": [p["caption"] for p in parts],
+        "keys": [p["key"] for p in parts],
+        "num_class": sum("class" in it for it in items),
+    }
+
+
+def denoising_loss(unet, noise_scheduler, latents, encoder_hidden_states, num_class: int = 0, prior_loss_weight: float = 1.0, generator=None):
+    """The diffusion training loss (ε or v target) at random timesteps; class examples last, weighted."""
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, t)
+    pred = unet(noisy, t, encoder_hidden_states).sample
+    target = noise_scheduler.get_velocity(latents, noise, t) if noise_scheduler.config.prediction_type == "v_prediction" else noise
+    errors = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    n = len(errors) - num_class
+    loss = errors[:n].mean()
+    if num_class:
+        loss = loss + prior_loss_weight * errors[n:].mean()
+    return loss
+
+
+def encode_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    return text_encoder(ids.to(next(text_encoder.parameters()).device))[0]
+
+
+def latent_dist(vae, pixel_values: torch.Tensor):
+    return vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist
+
+
+def steps_per_epoch(num_batches: int, accumulation: int) -> int:
+    return math.ceil(num_batches / accumulation)
+
+
+# -- attaching a new concept for training ---------------------------------------------------------
+
+
+def attach_new_concept(models: dict, state: ShareState, p: int, phi: int, seed: int = 0) -> dict[str, NewConcept]:
+    """Route each model's adapted layers through a fresh `NewConcept` (basis frozen, ΔW = 0 at start).
+
+    ``models`` maps a component name (``"unet"``, ``"text_encoder"``) to the model; returns the
+    trainable parametrisation per component. `detach_new_concept` undoes it.
+    """
+    trainers = {}
+    for component, model in models.items():
+        names = [n for n in state.layers if n.partition(".")[0] == component]
+        adapter = ShareAdapter([state.layers[n] for n in names], device=model.device, dtype=model.dtype)
+        attach(model, "unet" if component == "unet" else "text", [n.partition(".")[2] for n in names], adapter)
+        adapter.trainer = NewConcept(state, p=p, phi=phi, seed=seed, layers=names).to(model.device)
+        trainers[component] = adapter.trainer
+    return trainers
+
+
+def detach_new_concept(models: dict) -> None:
+    for model in models.values():
+        detach(model)
+
+
+def concept_factors(trainers: dict[str, NewConcept]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The trained concept as dense factors per layer, ready for `ShareState.merge`."""
+    factors = {}
+    for trainer in trainers.values():
+        factors.update(trainer.factors())
+    return factors
+
+
+def with_layers(state: ShareState, shapes: dict[str, tuple[int, int]]) -> ShareState:
+    """``state`` plus empty layers for ``shapes`` it does not adapt yet (old concepts: zero there)."""
+    from .subspace import LayerShare
+
+    layers = dict(state.layers)
+    C = len(state.concepts)
+    for name, (n, d) in shapes.items():
+        if name not in layers:
+            layers[name] = LayerShare(torch.zeros(n, 0), torch.zeros(d, 0), torch.zeros(C, 0, 1), torch.zeros(C, 0, 1))
+    return ShareState(layers, state.concepts)
