@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The continual demo on the embedded tiny base: set up, learn 3 concepts one after another into ONE
+# Share file (each merge re-expresses the earlier concepts without their data), then generate a grid
+# of all of them from the final file. Output: outputs/demo/ (share.safetensors, README.md, grid.png).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+out=outputs/demo
+rm -rf "$out"
+for concept in striped-blob-00 dotted-star-05 checkered-blob-02; do
+  echo "== learning $concept"
+  .venv/bin/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+    train/learn_concept.py --instance_data_dir "assets/concepts/$concept/train" \
+    --share_path "$out/share.safetensors" --output_dir "$out/runs/$concept" --report_to tensorboard
+done
+.venv/bin/python train/sample_grid.py --share "$out/share.safetensors" --out "$out/grid.png"

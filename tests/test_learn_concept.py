@@ -1,0 +1,188 @@
+"""`accelerate launch train/learn_concept.py` on the shipped tiny base: sequence, resume, 2 processes,
+bad input, crashes. Short runs (a few steps each); what is checked is mechanics, not quality."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import share_diffusers  # noqa: F401
+from share_diffusers import read_share, share_to_lora
+from share_diffusers.pipeline import pipeline_shapes
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = ROOT / "assets" / "tiny-base"
+CONCEPTS = ROOT / "assets" / "concepts"
+SCRIPT = ROOT / "train" / "learn_concept.py"
+FAST = ["--max_train_steps", "4", "--train_batch_size", "2", "--num_validation_images", "1", "--report_to", "none"]
+
+
+def launch(*args, processes=1, check=True, timeout=300, **popen):
+    """``accelerate launch`` the training script on CPU, one thread per process."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
+           "--pretrained_model_name_or_path", str(BASE), *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    if popen:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode:
+        raise AssertionError(result.stdout[-3000:] + result.stderr[-3000:])
+    return result
+
+
+def concept(i):
+    return sorted(CONCEPTS.glob("*/concept.json"))[i].parent
+
+
+def learn(tmp, index, share, *extra, **kw):
+    folder = concept(index)
+    return launch("--instance_data_dir", folder / "train", "--share_path", share, "--output_dir", tmp / f"run{index}", *FAST, *extra, **kw)
+
+
+def test_a_second_concept_changes_the_first_only_by_re_projection(tmp_path):
+    share = tmp_path / "share.safetensors"
+    learn(tmp_path, 0, share, "--heldout_data_dir", concept(0) / "heldout")
+    first, _ = read_share(share)
+    result = learn(tmp_path, 1, share)
+    second, header = read_share(share)
+    a, b = first.names[0], second.names[1]
+    assert second.names == [a, b]
+    assert header["concepts"][1]["trigger"] == json.loads((concept(1) / "concept.json").read_text())["trigger"]
+    num = den = 0.0
+    for name, layer in second.layers.items():
+        before = first.delta(name, {a: 1.0}).double()
+        U, V = layer.U.double(), layer.V.double()
+        projected = U @ U.T @ before @ V @ V.T  # re-projection onto the merged basis: all that may change
+        torch.testing.assert_close(second.delta(name, {a: 1.0}).double(), projected, atol=1e-5, rtol=1e-4)
+        num += ((before - projected) ** 2).sum()
+        den += (before**2).sum()
+    assert second.concepts[0]["merge_errors"][-1] == pytest.approx((num / den).sqrt().item(), abs=1e-4)
+    assert "merge err" in result.stdout and a in result.stdout and b in result.stdout
+    assert (tmp_path / "README.md").read_text().count("|") > 10  # the model card lists both concepts
+
+
+def test_resume_from_a_checkpoint_continues_the_same_run(tmp_path):
+    args = ["--max_train_steps", "6", "--checkpointing_steps", "3", "--train_batch_size", "2", "--random_flip", "--report_to", "none", "--num_validation_images", "1"]
+    folder = concept(2) / "train"
+    launch("--instance_data_dir", folder, "--share_path", tmp_path / "full.safetensors", "--output_dir", tmp_path / "full", *args)
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
+    result = launch("--instance_data_dir", folder, "--share_path", tmp_path / "resumed.safetensors", "--output_dir", tmp_path / "resumed",
+                    "--resume_from_checkpoint", "latest", *args)
+    assert "Resuming from" in result.stdout
+    full, _ = read_share(tmp_path / "full.safetensors")
+    resumed, _ = read_share(tmp_path / "resumed.safetensors")
+    name = full.names[0]
+    for layer in full.layers:
+        torch.testing.assert_close(resumed.delta(layer, {name: 1}), full.delta(layer, {name: 1}), atol=1e-6, rtol=1e-5)
+
+
+def test_two_processes_write_one_valid_file(tmp_path):
+    share = tmp_path / "share.safetensors"
+    result = learn(tmp_path, 3, share, processes=2)
+    state, _ = read_share(share)
+    assert state.names == [concept(3).name]
+    assert result.stdout.count("Wrote ") == 1  # only the main process writes
+
+
+def test_compress_loras_round_trips(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from share_diffusers.lora import read_lora, write_lora
+
+    pipe = StableDiffusionPipeline.from_pretrained(BASE, local_files_only=True)
+    shapes = pipeline_shapes(pipe, ["unet"])
+    truth = []
+    for i in range(3):
+        g = torch.Generator().manual_seed(i)
+        factors = {l: (torch.randn(n, 2, generator=g) * 0.1, torch.randn(d, 2, generator=g) * 0.1) for l, (n, d) in shapes.items()}
+        write_lora(factors, tmp_path / "loras" / f"lora{i}.safetensors")
+        truth.append(factors)
+    out = subprocess.run([sys.executable, ROOT / "train" / "compress_loras.py", tmp_path / "loras", "--output", tmp_path / "s.safetensors",
+                          "--basis_rank", "6"], capture_output=True, text=True, check=True).stdout
+    assert "lora0" in out and "smaller" in out
+    for i, factors in enumerate(truth):
+        share_to_lora(tmp_path / "s.safetensors", f"lora{i}", tmp_path / f"back{i}.safetensors")
+        for layer, (B, A) in read_lora(tmp_path / f"back{i}.safetensors").items():
+            torch.testing.assert_close(B @ A.T, factors[layer][0] @ factors[layer][1].T, atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture
+def existing_share(tmp_path):
+    """A Share file with one concept learned, and its bytes, to prove failures leave it untouched."""
+    share = tmp_path / "share.safetensors"
+    learn(tmp_path, 4, share)
+    return share, share.read_bytes()
+
+
+def test_bad_inputs_are_clear_errors_and_leave_the_share_file_untouched(tmp_path, existing_share):
+    share, original = existing_share
+    (tmp_path / "empty").mkdir()
+    broken = tmp_path / "broken"
+    shutil.copytree(concept(5) / "train", broken)
+    (broken / "notes.png").write_text("this is not an image")
+    (broken / "bad.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_pipelines import random_share, tiny_sd
+
+    random_share(tiny_sd(), tmp_path / "other.safetensors")
+    cases = [
+        (["--instance_data_dir", tmp_path / "empty"], "No images in"),
+        (["--instance_data_dir", broken], "Unreadable image files.*bad.jpg.*notes.png"),
+        (["--instance_data_dir", concept(4) / "train"], "already has a concept named.*--overwrite_concept"),
+        (["--instance_data_dir", concept(5) / "train", "--share_path", tmp_path / "other.safetensors"], "another base model"),
+        (["--instance_data_dir", concept(5) / "train", "--learning_rate", "1e30"], "loss became (nan|inf).*not touched"),
+    ]
+    for args, message in cases:
+        if "--share_path" not in args:
+            args = args + ["--share_path", share]
+        result = launch(*args, "--output_dir", tmp_path / "bad", *FAST, check=False)
+        assert result.returncode != 0, args
+        assert re.search(message, result.stdout + result.stderr, re.S), (message, (result.stdout + result.stderr)[-2000:])
+        assert share.read_bytes() == original
+    # --overwrite_concept replaces it
+    learn(tmp_path, 4, share, "--overwrite_concept")
+    state, _ = read_share(share)
+    assert state.names == [concept(4).name]
+
+
+def test_killed_during_training_leaves_the_previous_file_loadable(tmp_path, existing_share):
+    share, original = existing_share
+    proc = learn(tmp_path, 5, share, "--max_train_steps", "100000", "--checkpointing_steps", "2", processes=1, start_new_session=True)
+    deadline = time.time() + 120
+    while not list((tmp_path / "run5").glob("checkpoint-*")) and time.time() < deadline:
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert share.read_bytes() == original
+    read_share(share)
+
+
+def test_killed_while_writing_leaves_the_previous_file_loadable(tmp_path, existing_share):
+    """A process that dies in the middle of writing the new file (after half of it is on disk)."""
+    share, original = existing_share
+    code = f"""
+import os, safetensors.torch as st
+from share_diffusers import read_share, save_share
+import share_diffusers.io as io
+state, _ = read_share({str(share)!r})
+def dying_save(tensors, path, metadata=None):
+    st.save_file(tensors, path, metadata=metadata)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    os._exit(9)
+io.save_file = dying_save
+save_share(state, {str(share)!r})
+"""
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 9
+    assert share.read_bytes() == original
+    read_share(share)

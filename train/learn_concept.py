@@ -1,0 +1,606 @@
+#!/usr/bin/env python
+"""Learn one concept into a Share file: ``accelerate launch train/learn_concept.py [flags]``.
+
+The shared basis stays frozen; the concept's coefficients and φ temporary directions are trained
+on 3–20 images (DreamBooth-style, with the flags of Diffusers' ``train_dreambooth_lora.py``).
+Then the concept is merged: the subspace is refit to all concepts, every old concept is
+re-expressed in it without any of its data, and the report says what that did to each of them
+(merge error, held-out loss before/after). The Share file is rewritten atomically and gets a
+model card. With no arguments it learns a demo concept of the procedural world on the tiny base
+in ``assets/`` (a few minutes on a 2-core CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, CLIPTextModel
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from share_diffusers import ShareFileError, ShareState, read_share, save_share  # noqa: E402
+from share_diffusers.evaluation import heldout_loss  # noqa: E402
+from share_diffusers.io import atomic_write  # noqa: E402
+from share_diffusers.lora import write_lora  # noqa: E402
+from share_diffusers.pipeline import check_compatible, model_shapes  # noqa: E402
+from share_diffusers.subspace import balance  # noqa: E402
+from share_diffusers.training import (  # noqa: E402
+    ConceptDataset,
+    attach_new_concept,
+    collate,
+    concept_factors,
+    denoising_loss,
+    detach_new_concept,
+    encode_text,
+    latent_dist,
+    prepare_image,
+    read_instance_images,
+    steps_per_epoch,
+    with_layers,
+)
+
+logger = get_logger(__name__)
+DEMO_CONCEPT = ROOT / "assets" / "concepts" / "striped-blob-00"
+CHECKPOINT_WEIGHTS = "share_new_concept.safetensors"
+CARD_MARKER = "<!-- share-diffusers model card -->"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    # model and data (names as in Diffusers' train_dreambooth_lora.py)
+    a("--pretrained_model_name_or_path", default=str(ROOT / "assets" / "tiny-base"), help="Base pipeline folder (local).")
+    a("--revision", default=None)
+    a("--variant", default=None, help="Weights variant, e.g. fp16.")
+    a("--instance_data_dir", default=None, help="Folder of 3–20 images (+ optional <image>.txt captions). Default: a demo concept.")
+    a("--instance_prompt", default=None, help="Caption for images without a .txt file, e.g. 'a photo of sks dog'.")
+    a("--heldout_data_dir", default=None, help="Held-out images (+captions) of the concept, for the report's loss.")
+    a("--output_dir", default=None, help="Checkpoints, logs, validation images, report. Default: outputs/runs/<concept>.")
+    a("--resolution", type=int, default=None, help="Default: the base model's native size.")
+    a("--center_crop", action="store_true")
+    a("--random_flip", action="store_true")
+    # prior preservation
+    a("--with_prior_preservation", action="store_true")
+    a("--class_data_dir", default=None)
+    a("--class_prompt", default=None)
+    a("--num_class_images", type=int, default=50)
+    a("--prior_loss_weight", type=float, default=1.0)
+    a("--sample_batch_size", type=int, default=4)
+    a("--prior_generation_precision", choices=["no", "fp32", "fp16", "bf16"], default=None)
+    # optimisation
+    a("--train_text_encoder", action="store_true", help="Also adapt the text encoder's attention projections.")
+    a("--train_batch_size", type=int, default=4)
+    a("--num_train_epochs", type=int, default=1)
+    a("--max_train_steps", type=int, default=400, help="Overrides --num_train_epochs.")
+    a("--gradient_accumulation_steps", type=int, default=1)
+    a("--gradient_checkpointing", action="store_true")
+    a("--learning_rate", type=float, default=3e-3)
+    a("--scale_lr", action="store_true")
+    a("--lr_scheduler", default="constant")
+    a("--lr_warmup_steps", type=int, default=0)
+    a("--lr_num_cycles", type=int, default=1)
+    a("--lr_power", type=float, default=1.0)
+    a("--adam_beta1", type=float, default=0.9)
+    a("--adam_beta2", type=float, default=0.999)
+    a("--adam_weight_decay", type=float, default=0.0)
+    a("--adam_epsilon", type=float, default=1e-8)
+    a("--max_grad_norm", type=float, default=1.0)
+    a("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
+    a("--allow_tf32", action="store_true")
+    a("--dataloader_num_workers", type=int, default=0)
+    a("--seed", type=int, default=0)
+    # checkpoints, validation, logging
+    a("--checkpointing_steps", type=int, default=500)
+    a("--checkpoints_total_limit", type=int, default=None)
+    a("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
+    a("--validation_prompt", default=None, help="Default: the first held-out caption, else the instance prompt.")
+    a("--num_validation_images", type=int, default=4)
+    a("--validation_epochs", type=int, default=None, help="Also validate every N epochs (default: only at the end).")
+    a("--validation_steps", type=int, default=None, help="Also write a preview image (output_dir/preview.png) every N steps.")
+    a("--progress_file", default=None, help="Keep a JSON file with step, loss and status up to date (for UIs).")
+    a("--report_to", default="tensorboard", help="tensorboard, wandb, all, or none.")
+    a("--logging_dir", default="logs")
+    # Share
+    a("--share_path", default=str(ROOT / "outputs" / "share.safetensors"), help="The Share file to extend (created if absent).")
+    a("--concept_name", default=None, help="Default: from the concept folder's concept.json, else the folder name.")
+    a("--trigger", default=None, help="The concept's trigger token (stored in the file; shown by the UI).")
+    a("--basis_rank", type=int, default=16, help="k_max: the most directions per layer and side.")
+    a("--basis_energy", type=float, default=None, help="Keep the fewest directions holding this share of the energy (≤ k_max).")
+    a("--coef_rank", type=int, default=1, help="p: the rank of each concept's delta per layer.")
+    a("--num_extra_directions", type=int, default=2, help="φ: temporary new directions per side while training.")
+    a("--no_merge", action="store_true", help="Do not touch the Share file; save the trained concept as a LoRA file instead.")
+    a("--finetune_after_merge_steps", type=int, default=0, help="Fine-tune the new coefficients in the merged basis.")
+    a("--overwrite_concept", action="store_true", help="Replace a concept of the same name.")
+    args = p.parse_args(argv)
+    _apply_defaults(args)
+    return args
+
+
+def _apply_defaults(args) -> None:
+    """Fill what was not given from the concept folder (our world's concept.json) or the demo concept."""
+    if args.instance_data_dir is None:
+        args.instance_data_dir = str(DEMO_CONCEPT / "train")
+    folder = Path(args.instance_data_dir)
+    meta_file = folder.parent / "concept.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    args.concept_name = args.concept_name or meta.get("name") or folder.name
+    args.trigger = args.trigger or meta.get("trigger")
+    args.instance_prompt = args.instance_prompt or meta.get("instance_prompt")
+    if args.heldout_data_dir is None and meta and (folder.parent / "heldout").is_dir():
+        args.heldout_data_dir = str(folder.parent / "heldout")
+    args.output_dir = args.output_dir or str(ROOT / "outputs" / "runs" / args.concept_name)
+
+
+def fail(message: str):
+    raise SystemExit(f"learn_concept.py: error: {message}")
+
+
+def load_state(args, base_shapes, train_shapes) -> ShareState:
+    """The Share file to extend (validated against the base model), or an empty one.
+
+    ``train_shapes`` are the layers this run trains; the file gains any it does not adapt yet.
+    """
+    path = Path(args.share_path)
+    if not path.exists():
+        return ShareState.empty(train_shapes)
+    state, _ = read_share(path)
+    check_compatible(state.shapes, base_shapes, f"The Share file {path}")
+    if args.concept_name in state.names and not args.overwrite_concept:
+        fail(f"{path} already has a concept named {args.concept_name!r}; pass --overwrite_concept to replace it.")
+    return with_layers(state, train_shapes)
+
+
+def main(args) -> dict | None:
+    started = time.time()
+    # -- inputs first: a bad folder or file fails in seconds, before any model is loaded ----------
+    try:
+        examples = read_instance_images(args.instance_data_dir, args.instance_prompt)
+        heldout = read_instance_images(args.heldout_data_dir, args.instance_prompt) if args.heldout_data_dir else []
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    base = Path(args.pretrained_model_name_or_path)
+    if not (base / "model_index.json").is_file():
+        fail(f"{base} is not a local Diffusers pipeline folder (no model_index.json).")
+
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO if accelerator.is_main_process else logging.ERROR)
+    set_seed(args.seed)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    # -- models: frozen, in the training precision --------------------------------------------------
+    load = dict(revision=args.revision, variant=args.variant, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer", **{k: v for k, v in load.items() if k != "variant"})
+    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **load)
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", **load)
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **load)
+    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", local_files_only=True)
+    if unet.config.addition_embed_type is not None:
+        fail("this script trains SD 1.x/2.x-style UNets; SDXL (added text/time conditioning) is not supported yet.")
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    for model in (text_encoder, vae, unet):
+        model.requires_grad_(False)
+        model.to(accelerator.device, dtype=weight_dtype)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    args.resolution = args.resolution or unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+
+    models = {"unet": unet} | ({"text_encoder": text_encoder} if args.train_text_encoder else {})
+    base_shapes = model_shapes({"unet": unet, "text_encoder": text_encoder})
+    train_shapes = {n: s for n, s in base_shapes.items() if n.partition(".")[0] in models}
+    try:
+        state = load_state(args, base_shapes, train_shapes)
+    except (ShareFileError, FileNotFoundError) as e:
+        fail(str(e))
+    if args.concept_name in state.names:  # --overwrite_concept: drop it, refit the rest
+        state, _ = state.remove(args.concept_name, k_max=args.basis_rank, energy=args.basis_energy)
+    old_state = state
+    # the new concept's trainable parametrisation, fp32 even under mixed precision
+    trainers = attach_new_concept(models, state, p=args.coef_rank, phi=args.num_extra_directions, seed=args.seed)
+    params = [p for t in trainers.values() for p in t.parameters()]
+
+    # -- data -----------------------------------------------------------------------------------------
+    class_examples = prepare_class_images(args, accelerator, base, weight_dtype) if args.with_prior_preservation else []
+    dataset = ConceptDataset(examples, args.resolution, args.center_crop, args.random_flip, class_examples, seed=args.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate, num_workers=args.dataloader_num_workers)
+    cache = Cache(vae, tokenizer, text_encoder, dataset, args, accelerator.device, weight_dtype)
+
+    lr = args.learning_rate * (args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes if args.scale_lr else 1)
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    per_epoch = steps_per_epoch(math.ceil(len(loader) / accelerator.num_processes), args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps or args.num_train_epochs * per_epoch
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_steps * accelerator.num_processes, num_cycles=args.lr_num_cycles, power=args.lr_power,
+    )
+    prepared = accelerator.prepare(*models.values(), optimizer, loader, lr_scheduler)
+    wrapped = dict(zip(models, prepared[: len(models)]))
+    optimizer, loader, lr_scheduler = prepared[len(models):]
+    per_epoch = steps_per_epoch(len(loader), args.gradient_accumulation_steps)
+    epochs = math.ceil(max_steps / per_epoch)
+
+    # checkpoints hold only the new concept's tensors (plus optimizer/scheduler/RNG, via accelerate)
+    def save_hook(_models, weights, directory):
+        if accelerator.is_main_process:
+            tensors = {f"{c}.{k}": v.detach().float().cpu().contiguous() for c, t in trainers.items() for k, v in t.state_dict().items()}
+            save_file(tensors, Path(directory) / CHECKPOINT_WEIGHTS)
+        weights.clear()
+
+    def load_hook(_models, directory):
+        _models.clear()
+        tensors = load_file(Path(directory) / CHECKPOINT_WEIGHTS)
+        for c, t in trainers.items():
+            sd = {k.partition(".")[2]: v for k, v in tensors.items() if k.partition(".")[0] == c}
+            if any(not torch.equal(sd[k].to(v), v) for k, v in t.state_dict().items() if k.endswith((".U", ".V"))):
+                fail(f"checkpoint {directory} was trained against another state of {args.share_path} (its basis differs).")
+            t.load_state_dict(sd)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+    if accelerator.is_main_process:
+        tracked = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("share-learn-concept", config=tracked)
+
+    global_step, first_epoch = 0, 0
+    if args.resume_from_checkpoint:
+        checkpoint = find_checkpoint(output_dir, args.resume_from_checkpoint)
+        if checkpoint is None:
+            accelerator.print(f"No checkpoint {args.resume_from_checkpoint!r} in {output_dir}; starting a new run.")
+        else:
+            accelerator.print(f"Resuming from {checkpoint}")
+            accelerator.load_state(str(checkpoint))
+            global_step = int(checkpoint.name.split("-")[1])
+            first_epoch = global_step // per_epoch
+
+    # -- training -----------------------------------------------------------------------------------
+    train_modules = list(wrapped.values())
+    progress = tqdm(range(max_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
+    loss_value = float("nan")
+    for epoch in range(first_epoch, epochs):
+        for model in train_modules:
+            model.train()
+        epoch_loader = loader
+        if epoch == first_epoch and global_step % per_epoch:
+            epoch_loader = accelerator.skip_first_batches(loader, (global_step % per_epoch) * args.gradient_accumulation_steps)
+        for batch in epoch_loader:
+            with accelerator.accumulate(*train_modules):
+                latents = cache.latents(batch)
+                text = cache.text(batch["captions"], encoder=wrapped.get("text_encoder"))
+                loss = denoising_loss(wrapped["unet"], noise_scheduler, latents, text, batch["num_class"], args.prior_loss_weight)
+                if not torch.isfinite(loss):
+                    fail(f"the loss became {loss.item()} at step {global_step}: stopping; {args.share_path} was not touched. "
+                         "Lower --learning_rate or use fp32.")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                global_step += 1
+                progress.update(1)
+                loss_value = loss.detach().item()
+                progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.1e}")
+                accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
+                if accelerator.is_main_process:
+                    report_progress(args, status="training", step=global_step, max_steps=max_steps, loss=loss_value)
+                    if args.validation_steps and global_step % args.validation_steps == 0:
+                        preview = build_pipeline(args, base, unet, text_encoder, vae, tokenizer)
+                        image = generate_validation(preview, args, heldout, count=1)[0]
+                        atomic_write(output_dir / "preview.png", lambda tmp: image.save(tmp, format="PNG"))
+                if global_step % args.checkpointing_steps == 0:
+                    save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+            if global_step >= max_steps:
+                break
+        if args.validation_epochs and (epoch + 1) % args.validation_epochs == 0 and accelerator.is_main_process:
+            images = generate_validation(build_pipeline(args, base, unet, text_encoder, vae, tokenizer), args, heldout)
+            log_images(accelerator, images, "validation", global_step)
+        if global_step >= max_steps:
+            break
+    progress.close()
+    accelerator.wait_for_everyone()
+
+    result = None
+    if accelerator.is_main_process:
+        factors = concept_factors(trainers)
+        pipe = build_pipeline(args, base, unet, text_encoder, vae, tokenizer)
+        trained_loss = eval_loss(pipe, heldout, args.seed)  # the new concept, still in training form
+        detach_new_concept(models)
+        report_progress(args, status="merging", step=global_step, max_steps=max_steps, loss=loss_value)
+        result = finish(args, accelerator, pipe, old_state, factors, heldout, trained_loss, examples, started, global_step)
+        report_progress(args, status="done", step=global_step, max_steps=max_steps, loss=loss_value, report=result)
+    accelerator.end_training()
+    return result
+
+
+class Cache:
+    """Latents and text embeddings computed once when nothing trainable or random feeds them."""
+
+    def __init__(self, vae, tokenizer, text_encoder, dataset, args, device, dtype):
+        self.vae, self.tokenizer, self.text_encoder, self.dtype = vae, tokenizer, text_encoder, dtype
+        self.scaling = vae.config.scaling_factor
+        self.dists = {}
+        if dataset.deterministic_crops():
+            with torch.no_grad():
+                for i, ex in enumerate(dataset.examples + dataset.class_examples):
+                    for flip in (False, True) if args.random_flip else (False,):
+                        pixels = prepare_image(ex.image, args.resolution, True, flip, None)[None]
+                        d = latent_dist(vae, pixels)
+                        self.dists[(i, flip)] = (d.mean, d.std)
+        self.texts = {}
+        self.cache_text = not args.train_text_encoder
+
+    def latents(self, batch) -> torch.Tensor:
+        if self.dists:
+            parts = [self.dists[tuple(k)] for k in batch["keys"]]
+            mean, std = torch.cat([m for m, _ in parts]), torch.cat([s for _, s in parts])
+            sample = mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
+        else:
+            with torch.no_grad():
+                sample = latent_dist(self.vae, batch["pixel_values"]).sample()
+        return (sample * self.scaling).to(self.dtype)
+
+    def text(self, captions: list[str], encoder=None) -> torch.Tensor:
+        if not self.cache_text:
+            return encode_text(self.tokenizer, encoder, captions)
+        missing = [c for c in dict.fromkeys(captions) if c not in self.texts]
+        if missing:
+            with torch.no_grad():
+                for c, e in zip(missing, encode_text(self.tokenizer, self.text_encoder, missing)):
+                    self.texts[c] = e
+        return torch.stack([self.texts[c] for c in captions])
+
+
+def find_checkpoint(output_dir: Path, which: str) -> Path | None:
+    if which != "latest":
+        path = Path(which)
+        return path if path.is_dir() else (output_dir / which if (output_dir / which).is_dir() else None)
+    found = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return found[-1] if found else None
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, limit: int | None) -> None:
+    if accelerator.is_main_process and limit is not None:
+        found = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        for old in found[: max(0, len(found) - limit + 1)]:
+            shutil.rmtree(old)
+    accelerator.save_state(str(output_dir / f"checkpoint-{step}"))
+
+
+def prepare_class_images(args, accelerator, base, dtype):
+    """Prior preservation: generate missing class images with the base model (as DreamBooth)."""
+    if not (args.class_data_dir and args.class_prompt):
+        fail("--with_prior_preservation needs --class_data_dir and --class_prompt.")
+    folder = Path(args.class_data_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    have = len([p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")])
+    if have < args.num_class_images and accelerator.is_main_process:
+        pipe = DiffusionPipeline.from_pretrained(base, local_files_only=True, safety_checker=None)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.to(accelerator.device)
+        for start in range(have, args.num_class_images, args.sample_batch_size):
+            n = min(args.sample_batch_size, args.num_class_images - start)
+            gens = [torch.Generator().manual_seed(args.seed + start + i) for i in range(n)]
+            for i, image in enumerate(pipe([args.class_prompt] * n, generator=gens).images):
+                image.save(folder / f"{start + i:05d}.png")
+        del pipe
+    accelerator.wait_for_everyone()
+    return read_instance_images(folder, args.class_prompt)
+
+
+def build_pipeline(args, base, unet, text_encoder, vae, tokenizer):
+    pipe = DiffusionPipeline.from_pretrained(
+        base, unet=unet, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer, local_files_only=True,
+        safety_checker=None, revision=args.revision, variant=args.variant,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def eval_loss(pipe, heldout, seed) -> float | None:
+    if not heldout:
+        return None
+    return heldout_loss(pipe, [e.image for e in heldout], [e.caption for e in heldout], seed=seed)
+
+
+def concept_losses(pipe, state: ShareState, seed: int, new_heldout=None, new_name=None) -> dict[str, float]:
+    """Held-out loss of every concept of ``state`` whose held-out images are available."""
+    pipe.load_share(state)
+    losses = {}
+    try:
+        for concept in state.concepts:
+            folder = concept.get("heldout_data_dir")
+            heldout = new_heldout if concept["name"] == new_name else None
+            if heldout is None and folder and Path(folder).is_dir():
+                heldout = read_instance_images(folder, concept.get("prompt"))
+            if heldout:
+                pipe.set_share_concepts(concept["name"])
+                losses[concept["name"]] = eval_loss(pipe, heldout, seed)
+    finally:
+        pipe.unload_share()
+    return losses
+
+
+def finish(args, accelerator, pipe, old_state, factors, heldout, trained_loss, examples, started, steps):
+    """Merge, report, write the Share file atomically, write the model card, validate from the file."""
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "trigger": args.trigger, "prompt": args.instance_prompt, "steps": steps,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "num_images": len(examples),
+        "coef_rank": args.coef_rank, "num_extra_directions": args.num_extra_directions,
+        "heldout_data_dir": str(Path(args.heldout_data_dir).resolve()) if args.heldout_data_dir else None,
+    }
+    base_loss = eval_loss(pipe, heldout, args.seed)
+    if args.no_merge:  # keep the Share file as it is; the concept leaves as an ordinary LoRA file
+        path = write_lora(factors, output_dir / "pytorch_lora_weights.safetensors")
+        accelerator.print(f"--no_merge: {args.share_path} untouched; the concept is in {path} (a Diffusers LoRA file; "
+                          f"base/trained held-out loss {base_loss} / {trained_loss}).")
+        return {"lora_path": str(path), "heldout_loss_base": base_loss, "heldout_loss_trained": trained_loss}
+
+    losses_before = concept_losses(pipe, old_state, args.seed) if old_state.concepts else {}
+    new_state, merge_report = old_state.merge(
+        {args.concept_name: factors}, meta={args.concept_name: meta}, k_max=args.basis_rank, energy=args.basis_energy
+    )
+    if args.finetune_after_merge_steps:
+        new_state = finetune_after_merge(args, pipe, new_state, examples)
+    losses_after = concept_losses(pipe, new_state, args.seed, heldout, args.concept_name)
+
+    report = {"concept": args.concept_name, "share_path": str(args.share_path), "steps": steps,
+              "wall_time_s": round(time.time() - started, 1), "concepts": {}}
+    for name in new_state.names:
+        entry = {"merge_error": merge_report[name]["overall"], "heldout_loss_before": losses_before.get(name),
+                 "heldout_loss_after": losses_after.get(name)}
+        if name == args.concept_name:
+            entry.update(heldout_loss_before=trained_loss, heldout_loss_base=base_loss)
+        report["concepts"][name] = entry
+    for concept in new_state.concepts:  # keep the figures in the file's history too
+        if concept["name"] == args.concept_name:
+            concept.update(heldout_loss_base=base_loss, heldout_loss_trained=trained_loss, heldout_loss_merged=losses_after.get(args.concept_name))
+    config = {"base_model": str(args.pretrained_model_name_or_path), "basis_rank": args.basis_rank,
+              "basis_energy": args.basis_energy, "coef_rank": args.coef_rank, "num_extra_directions": args.num_extra_directions}
+    save_share(new_state, args.share_path, config=config)
+    write_model_card(Path(args.share_path), new_state, config)
+    (output_dir / "report.json").write_text(json.dumps(report, indent=2))
+    accelerator.print(format_report(report, new_state))
+
+    pipe.load_share(args.share_path)  # validate end to end, through the file just written
+    pipe.set_share_concepts(args.concept_name)
+    images = generate_validation(pipe, args, heldout)
+    pipe.unload_share()
+    for i, image in enumerate(images):
+        image.save(output_dir / f"validation_{i}.png")
+    log_images(accelerator, images, "test", steps)
+    accelerator.print(f"Wrote {args.share_path} ({Path(args.share_path).stat().st_size / 1024:.1f} KiB, "
+                      f"{len(new_state.names)} concepts) in {time.time() - started:.0f} s; report in {output_dir / 'report.json'}")
+    return report
+
+
+def finetune_after_merge(args, pipe, state: ShareState, examples) -> ShareState:
+    """Fine-tune the new concept's k×p coefficients in the merged basis (basis frozen, φ = 0)."""
+    c = state.index(args.concept_name)
+    models = {"unet": pipe.unet}
+    layers = {n: l for n, l in state.layers.items() if n.startswith("unet.")}
+    trainer = attach_new_concept(models, ShareState(layers, state.concepts), p=1, phi=0, seed=args.seed)["unet"]
+    for name, layer in zip(trainer.layer_names, trainer.layers):  # start from the merged coefficients
+        layer.B = torch.nn.Parameter(state.layers[name].B[c].clone().to(layer.U))
+        layer.A = torch.nn.Parameter(state.layers[name].A[c].clone().to(layer.U))
+    params = list(trainer.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate * 0.3, weight_decay=0.0)
+    dataset = ConceptDataset(examples, args.resolution, True, args.random_flip, seed=args.seed + 1)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    step = 0
+    while step < args.finetune_after_merge_steps:
+        for batch in loader:
+            with torch.no_grad():
+                latents = latent_dist(pipe.vae, batch["pixel_values"]).sample() * pipe.vae.config.scaling_factor
+                text = encode_text(pipe.tokenizer, pipe.text_encoder, batch["captions"])
+            loss = denoising_loss(pipe.unet, noise_scheduler, latents, text)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+            step += 1
+            if step >= args.finetune_after_merge_steps:
+                break
+    detach_new_concept(models)
+    with torch.no_grad():
+        for name, layer in zip(trainer.layer_names, trainer.layers):
+            B, A = balance(layer.B.detach().double(), layer.A.detach().double())
+            state.layers[name].B[c], state.layers[name].A[c] = B.float(), A.float()
+    return state
+
+
+def generate_validation(pipe, args, heldout, count=None):
+    count = count or args.num_validation_images
+    prompt = args.validation_prompt or (heldout[0].caption if heldout else args.instance_prompt)
+    gens = [torch.Generator().manual_seed(args.seed + i) for i in range(count)]
+    with torch.no_grad():
+        return pipe([prompt] * count, generator=gens, num_inference_steps=25).images
+
+
+def report_progress(args, **status) -> None:
+    if args.progress_file:
+        path = Path(args.progress_file)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(status)))
+
+
+def log_images(accelerator, images, name, step):
+    import numpy as np
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(name, np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
+
+
+def format_report(report: dict, state: ShareState) -> str:
+    fmt = lambda v: "      -" if v is None else f"{v:7.4f}"  # noqa: E731
+    lines = [f"\nMerged {report['concept']!r} into {report['share_path']} — what the merge did to every concept:",
+             f"{'concept':<28} {'merge err':>9} {'loss before':>11} {'loss after':>10}  (held-out denoising MSE)"]
+    for name, e in report["concepts"].items():
+        mark = "  ← new (before = trained, pre-merge)" if name == report["concept"] else ""
+        lines.append(f"{name:<28} {e['merge_error']:9.4f} {fmt(e['heldout_loss_before']):>11} {fmt(e['heldout_loss_after']):>10}{mark}")
+    ks = sorted({l.k for l in state.layers.values()})
+    lines.append(f"basis width k per layer: {ks[0]}–{ks[-1]}; {len(state.names)} concepts in the file")
+    return "\n".join(lines)
+
+
+def write_model_card(share_path: Path, state: ShareState, config: dict) -> None:
+    rows = "\n".join(
+        f"| {c['name']} | `{c.get('trigger') or '-'}` | {c.get('date', '-')} | {c.get('steps', '-')} | "
+        f"{', '.join(f'{e:.4f}' for e in c.get('merge_errors', []))} |"
+        for c in state.concepts
+    )
+    card = f"""{CARD_MARKER}
+# Share file `{share_path.name}`
+
+{len(state.concepts)} concepts in one shared low-rank subspace (Share, arXiv 2602.06043), made with
+[share-diffusers](https://github.com/) for the base model `{config.get('base_model')}`.
+Basis: up to {config.get('basis_rank')} directions per layer; each concept is rank {config.get('coef_rank')} per layer.
+
+| concept | trigger | learned | steps | merge error after each merge |
+|---|---|---|---|---|
+{rows}
+
+```python
+import share_diffusers  # adds pipe.load_share & co.
+from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{config.get('base_model')}")
+pipe.load_share("{share_path.name}")
+pipe.set_share_concepts("{state.concepts[-1]['name'] if state.concepts else 'name'}")  # or {{"a": 0.5, "b": 0.5}}, or one per prompt
+```
+"""
+    path = share_path.parent / "README.md"
+    if path.exists() and not path.read_text(errors="replace").startswith(CARD_MARKER):  # never clobber the user's README
+        path = share_path.with_name(share_path.stem + ".README.md")
+    atomic_write(path, lambda tmp: Path(tmp).write_text(card))
+
+
+if __name__ == "__main__":
+    main(parse_args())
