@@ -63,7 +63,7 @@ def read_instance_images(folder: str | Path, instance_prompt: str | None) -> lis
     return examples
 
 
-def prepare_image(image: Image.Image, resolution: int, center_crop: bool, flip: bool, rng: random.Random) -> torch.Tensor:
+def prepare_image(image: Image.Image, resolution: int, center_crop: bool, flip: bool, rng: random.Random | None = None) -> torch.Tensor:
     """Resize the short side to ``resolution``, crop a square, optionally mirror; CHW in [-1, 1]."""
     scale = resolution / min(image.size)
     image = image.resize((max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))), Image.BICUBIC)
@@ -81,12 +81,18 @@ class ConceptDataset(torch.utils.data.Dataset):
 
     An item is ``{"pixel_values", "caption", "key"}``; ``key`` = (example, flipped) identifies the
     deterministic view of an image so that its latent can be cached when crops are deterministic.
+    Flips and crops are a function of (seed, epoch, item), not of a random stream that data
+    loading consumes ahead of training, so a run resumed mid-epoch sees exactly the same
+    augmentations as an uninterrupted one. Call `set_epoch` at the start of every epoch.
     """
 
     def __init__(self, examples: list[Example], resolution: int, center_crop=False, random_flip=False, class_examples=(), seed=0):
         self.examples, self.class_examples = examples, list(class_examples)
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
-        self.rng = random.Random(seed)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def deterministic_crops(self) -> bool:
         return self.center_crop or all(min(e.image.size) == max(e.image.size) for e in self.examples + self.class_examples)
@@ -95,8 +101,9 @@ class ConceptDataset(torch.utils.data.Dataset):
         return max(len(self.examples), len(self.class_examples))
 
     def item(self, example: Example, index: int) -> dict:
-        flip = self.random_flip and self.rng.random() < 0.5
-        pixels = prepare_image(example.image, self.resolution, self.center_crop, flip, self.rng)
+        rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
+        flip = self.random_flip and rng.random() < 0.5
+        pixels = prepare_image(example.image, self.resolution, self.center_crop, flip, rng)
         return {"pixel_values": pixels, "caption": example.caption, "key": (index, flip)}
 
     def __getitem__(self, i: int) -> dict:

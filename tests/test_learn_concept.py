@@ -71,11 +71,11 @@ def test_a_second_concept_changes_the_first_only_by_re_projection(tmp_path):
 
 
 def test_resume_from_a_checkpoint_continues_the_same_run(tmp_path):
-    args = ["--max_train_steps", "6", "--checkpointing_steps", "3", "--train_batch_size", "2", "--random_flip", "--report_to", "none", "--num_validation_images", "1"]
+    args = ["--max_train_steps", "6", "--checkpointing_steps", "4", "--train_batch_size", "2", "--random_flip", "--report_to", "none", "--num_validation_images", "1"]
     folder = concept(2) / "train"
     launch("--instance_data_dir", folder, "--share_path", tmp_path / "full.safetensors", "--output_dir", tmp_path / "full", *args)
     (tmp_path / "resumed").mkdir()
-    shutil.copytree(tmp_path / "full" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
+    shutil.copytree(tmp_path / "full" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4")  # mid-epoch (3 batches per epoch)
     result = launch("--instance_data_dir", folder, "--share_path", tmp_path / "resumed.safetensors", "--output_dir", tmp_path / "resumed",
                     "--resume_from_checkpoint", "latest", *args)
     assert "Resuming from" in result.stdout

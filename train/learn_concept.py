@@ -226,7 +226,9 @@ def main(args) -> dict | None:
     # -- data -----------------------------------------------------------------------------------------
     class_examples = prepare_class_images(args, accelerator, base, weight_dtype) if args.with_prior_preservation else []
     dataset = ConceptDataset(examples, args.resolution, args.center_crop, args.random_flip, class_examples, seed=args.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate, num_workers=args.dataloader_num_workers)
+    # its own generator: creating an iterator must not draw from the global RNG (exact resume)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
+                                         num_workers=args.dataloader_num_workers, generator=torch.Generator().manual_seed(args.seed))
     cache = Cache(vae, tokenizer, text_encoder, dataset, args, accelerator.device, weight_dtype)
 
     lr = args.learning_rate * (args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes if args.scale_lr else 1)
@@ -283,6 +285,8 @@ def main(args) -> dict | None:
     for epoch in range(first_epoch, epochs):
         for model in train_modules:
             model.train()
+        loader.set_epoch(epoch)  # the sampler's permutation and the augmentations depend on the epoch only
+        dataset.set_epoch(epoch)
         epoch_loader = loader
         if epoch == first_epoch and global_step % per_epoch:
             epoch_loader = accelerator.skip_first_batches(loader, (global_step % per_epoch) * args.gradient_accumulation_steps)
@@ -348,7 +352,7 @@ class Cache:
             with torch.no_grad():
                 for i, ex in enumerate(dataset.examples + dataset.class_examples):
                     for flip in (False, True) if args.random_flip else (False,):
-                        pixels = prepare_image(ex.image, args.resolution, True, flip, None)[None]
+                        pixels = prepare_image(ex.image, args.resolution, True, flip)[None]
                         d = latent_dist(vae, pixels)
                         self.dists[(i, flip)] = (d.mean, d.std)
         self.texts = {}
@@ -511,7 +515,7 @@ def finetune_after_merge(args, pipe, state: ShareState, examples) -> ShareState:
         layer.A = torch.nn.Parameter(state.layers[name].A[c].clone().to(layer.U))
     params = list(trainer.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate * 0.3, weight_decay=0.0)
-    dataset = ConceptDataset(examples, args.resolution, True, args.random_flip, seed=args.seed + 1)
+    dataset = ConceptDataset(examples, args.resolution, True, args.random_flip)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     step = 0
