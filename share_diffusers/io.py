@@ -158,7 +158,7 @@ def _build_state(header: dict, tensors: dict[str, torch.Tensor], path: Path) -> 
             raise bad(f"tensor {key} has shape {tuple(t.shape)}, expected {tuple(shape)}.")
         if not torch.isfinite(t).all():
             raise bad(f"tensor {key} contains NaN or Inf.")
-        return t.float()
+        return t.to(torch.float32, copy=True)  # never keep the file memory-mapped (an in-place overwrite would SIGBUS)
 
     layers_meta = header["base_model"]["layers"]
     concepts = header["concepts"]
@@ -179,3 +179,46 @@ def _build_state(header: dict, tensors: dict[str, torch.Tensor], path: Path) -> 
         raise bad(f"unexpected tensors not described by the header: {sorted(tensors)[:3]}")
     meta = [{k: v for k, v in c.items() if k not in ("key", "p")} for c in concepts]
     return ShareState(layers, meta)
+
+
+CARD_MARKER = "<!-- share-diffusers model card -->"
+
+
+def write_model_card(share_path: str | os.PathLike, state: ShareState, config: dict | None = None) -> Path:
+    """Write the model card (``README.md``) beside a Share file: its concepts, triggers and history.
+
+    A ``README.md`` that share-diffusers did not write is never replaced; the card then goes to
+    ``<name>.README.md``.
+    """
+    share_path, config = Path(share_path), config or {}
+    rows = "\n".join(
+        f"| {c['name']} | `{c.get('trigger') or '-'}` | {c.get('date', '-')} | {c.get('steps', '-')} | "
+        f"{', '.join(f'{e:.4f}' for e in c.get('merge_errors', []))} |"
+        for c in state.concepts
+    )
+    example = state.concepts[-1]["name"] if state.concepts else "name"
+    card = f"""{CARD_MARKER}
+# Share file `{share_path.name}`
+
+{len(state.concepts)} concepts in one shared low-rank subspace (Share, arXiv 2602.06043), made with
+share-diffusers for the base model `{config.get('base_model', 'unknown')}`: up to
+{config.get('basis_rank', '?')} shared directions per layer, each concept rank {config.get('coef_rank', '?')} per layer.
+
+| concept | trigger | learned | steps | merge error after each merge |
+|---|---|---|---|---|
+{rows}
+
+```python
+import share_diffusers  # adds pipe.load_share & co. to every DiffusionPipeline
+from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{config.get('base_model', 'path/to/base')}")
+pipe.load_share("{share_path.name}")
+pipe.set_share_concepts("{example}")  # or {{"a": 0.5, "b": 0.5}}, or a list with one per prompt
+```
+"""
+    path = share_path.parent / "README.md"
+    if path.exists() and not path.read_text(errors="replace").startswith(CARD_MARKER):
+        path = share_path.with_name(share_path.stem + ".README.md")
+    atomic_write(path, lambda tmp: Path(tmp).write_text(card))
+    return path

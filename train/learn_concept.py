@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from share_diffusers import ShareFileError, ShareState, read_share, save_share  # noqa: E402
 from share_diffusers.evaluation import heldout_loss  # noqa: E402
-from share_diffusers.io import atomic_write  # noqa: E402
+from share_diffusers.io import atomic_write, write_model_card  # noqa: E402
 from share_diffusers.lora import write_lora  # noqa: E402
 from share_diffusers.pipeline import check_compatible, model_shapes  # noqa: E402
 from share_diffusers.subspace import balance  # noqa: E402
@@ -59,7 +59,6 @@ from share_diffusers.training import (  # noqa: E402
 logger = get_logger(__name__)
 DEMO_CONCEPT = ROOT / "assets" / "concepts" / "striped-blob-00"
 CHECKPOINT_WEIGHTS = "share_new_concept.safetensors"
-CARD_MARKER = "<!-- share-diffusers model card -->"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -572,38 +571,6 @@ def format_report(report: dict, state: ShareState) -> str:
     ks = sorted({l.k for l in state.layers.values()})
     lines.append(f"basis width k per layer: {ks[0]}–{ks[-1]}; {len(state.names)} concepts in the file")
     return "\n".join(lines)
-
-
-def write_model_card(share_path: Path, state: ShareState, config: dict) -> None:
-    rows = "\n".join(
-        f"| {c['name']} | `{c.get('trigger') or '-'}` | {c.get('date', '-')} | {c.get('steps', '-')} | "
-        f"{', '.join(f'{e:.4f}' for e in c.get('merge_errors', []))} |"
-        for c in state.concepts
-    )
-    card = f"""{CARD_MARKER}
-# Share file `{share_path.name}`
-
-{len(state.concepts)} concepts in one shared low-rank subspace (Share, arXiv 2602.06043), made with
-[share-diffusers](https://github.com/) for the base model `{config.get('base_model')}`.
-Basis: up to {config.get('basis_rank')} directions per layer; each concept is rank {config.get('coef_rank')} per layer.
-
-| concept | trigger | learned | steps | merge error after each merge |
-|---|---|---|---|---|
-{rows}
-
-```python
-import share_diffusers  # adds pipe.load_share & co.
-from diffusers import StableDiffusionPipeline
-
-pipe = StableDiffusionPipeline.from_pretrained("{config.get('base_model')}")
-pipe.load_share("{share_path.name}")
-pipe.set_share_concepts("{state.concepts[-1]['name'] if state.concepts else 'name'}")  # or {{"a": 0.5, "b": 0.5}}, or one per prompt
-```
-"""
-    path = share_path.parent / "README.md"
-    if path.exists() and not path.read_text(errors="replace").startswith(CARD_MARKER):  # never clobber the user's README
-        path = share_path.with_name(share_path.stem + ".README.md")
-    atomic_write(path, lambda tmp: Path(tmp).write_text(card))
 
 
 if __name__ == "__main__":
