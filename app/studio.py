@@ -1,0 +1,660 @@
+"""The web UI's engine, without Gradio: one pipeline with every concept of one Share file resident.
+
+`Studio` owns the pipeline and the Share file. It generates (a name, a ``{name: weight}`` mix, or one
+selection per image of one batch), writes PNGs whose text chunks record what made them, runs learn
+jobs (`jobs.LearnJob`, a subprocess running ``train/learn_concept.py``) and renames, deletes and
+exports concepts. Every user mistake raises `UserError` with a message meant for the UI, before
+anything is written.
+
+Concurrency. The pipeline holds one selection at a time, so ``set_share_concepts`` and the
+generation that uses it run under ``gen_lock``: requests never see each other's concepts. The
+Share file is only ever replaced atomically (by the learn job or by rename/delete); before each
+generation its ``stat`` signature is compared with the loaded one and the new version is loaded
+under the same lock, so a request sees either the old file or the new one, never a mix. Writes to
+the file (rename, delete, starting a learn job) are serialised by ``file_lock`` and refused while a
+learn job runs, since the job would overwrite them when it writes its result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import secrets
+import threading
+import time
+import unicodedata
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from PIL import Image, PngImagePlugin
+
+import share_diffusers
+from share_diffusers import ShareFileError, read_share, save_share, share_to_lora
+from share_diffusers.io import write_model_card
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN_SCRIPT = ROOT / "train" / "learn_concept.py"
+
+MIN_IMAGES, MAX_IMAGES = 3, 20
+MAX_SIDE = 4096  # pixels, each side of an uploaded image
+MAX_FILE_BYTES = 40 * 1024 * 1024
+IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF", "MPO"}
+MAX_BATCH = 8
+MAX_NAME = 64
+MAX_TRIGGER = 32
+NAME_HINT = "use letters, digits, '-' and '_' (e.g. my-dog)"
+BASE_CHOICE = "Base model"
+MIX_CHOICE = "Slider mix"
+TRIGGER_PLACEHOLDER = "{trigger}"
+
+
+class UserError(ValueError):
+    """A mistake in what the user asked for; the message is shown as is in the UI."""
+
+
+# -- validation of user input --------------------------------------------------------------------
+
+
+def _show(ch: str) -> str:
+    if ch == "\x00":
+        return "NUL"
+    if unicodedata.category(ch)[0] in "CZ" and ch != " ":
+        return f"U+{ord(ch):04X}"
+    return repr(ch)
+
+
+def check_concept_name(name, existing=(), what="concept name") -> str:
+    """A name that is safe everywhere it is used (file header, file names, UI), not taken yet."""
+    if not isinstance(name, str) or not name.strip():
+        raise UserError(f"Give the concept a name ({NAME_HINT}).")
+    name = name.strip()
+    if ".." in name:
+        raise UserError(f"The {what} {name!r} contains '..': a name cannot look like a path; {NAME_HINT}.")
+    bad = sorted({ch for ch in name if not (ch.isalnum() or ch in "-_")}, key=name.index)
+    if bad:
+        shown = ", ".join(_show(ch) for ch in bad)
+        kind = "path or control characters" if any(ch in "/\\\x00:" or ord(ch) < 32 for ch in bad) else "characters"
+        raise UserError(f"The {what} {name!r} contains {kind} that are not allowed ({shown}): {NAME_HINT}.")
+    if not name[0].isalnum():
+        raise UserError(f"The {what} {name!r} must start with a letter or a digit.")
+    if len(name) > MAX_NAME:
+        raise UserError(f"The {what} is {len(name)} characters long; at most {MAX_NAME}.")
+    if name in existing:
+        raise UserError(f"A concept named {name!r} already exists in this Share file: pick another name, "
+                        "or rename or delete the old one in the Manage tab.")
+    return name
+
+
+def check_trigger(trigger, taken: dict[str, str] | None = None) -> str:
+    """One word that stands for the concept in prompts; ``taken`` maps triggers in use to their concept."""
+    if not isinstance(trigger, str) or not trigger.strip():
+        raise UserError("Give a trigger token: a rare word that will stand for the concept in prompts (e.g. sks).")
+    trigger = trigger.strip()
+    if any(ch.isspace() for ch in trigger):
+        raise UserError(f"The trigger {trigger!r} must be one word, without spaces.")
+    bad = [ch for ch in trigger if unicodedata.category(ch)[0] == "C" or ch in "{}"]
+    if bad:
+        raise UserError(f"The trigger {trigger!r} contains characters that are not allowed ({', '.join(map(_show, bad))}).")
+    if len(trigger) > MAX_TRIGGER:
+        raise UserError(f"The trigger is {len(trigger)} characters long; at most {MAX_TRIGGER}.")
+    if taken and trigger in taken:
+        raise UserError(f"The trigger {trigger!r} is already used by the concept {taken[trigger]!r}; pick another word.")
+    return trigger
+
+
+@dataclass
+class CheckedImage:
+    path: Path
+    name: str
+    width: int
+    height: int
+
+
+def check_images(paths) -> list[CheckedImage]:
+    """3–20 readable images of sane size; every bad file is named in one message."""
+    paths = [Path(p) for p in (paths or [])]
+    if not paths:
+        raise UserError(f"Upload {MIN_IMAGES}–{MAX_IMAGES} images of the concept.")
+    bad, good = [], []
+    for path in paths:
+        name = path.name
+        try:
+            size = path.stat().st_size
+            if size > MAX_FILE_BYTES:
+                bad.append(f"{name} is a huge file ({size / 2**20:.0f} MB; the limit is {MAX_FILE_BYTES // 2**20} MB)")
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as im:
+                    if im.format not in IMAGE_FORMATS:
+                        bad.append(f"{name} is a {im.format} file, not a photo format (PNG, JPEG, WebP, BMP, GIF, TIFF)")
+                        continue
+                    w, h = im.size
+                    if max(w, h) > MAX_SIDE:
+                        bad.append(f"{name} is huge ({w}×{h} pixels; the limit is {MAX_SIDE} on each side, resize it first)")
+                        continue
+                    im.load()  # decode fully: a truncated or corrupt file fails here, not in the training job
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            bad.append(f"{name} is huge (too many pixels to decode safely; the limit is {MAX_SIDE} on each side)")
+            continue
+        except Image.UnidentifiedImageError:
+            bad.append(f"{name} is not an image")
+            continue
+        except (OSError, SyntaxError, ValueError) as e:
+            bad.append(f"{name} cannot be read as an image ({e})")
+            continue
+        good.append(CheckedImage(path, name, w, h))
+    if bad:
+        raise UserError("Some uploads cannot be used, nothing was started: " + "; ".join(bad) + ".")
+    if len(good) < MIN_IMAGES:
+        raise UserError(f"Only {len(good)} image{'s' * (len(good) != 1)}: upload at least {MIN_IMAGES} "
+                        f"({MIN_IMAGES}–{MAX_IMAGES} images of the concept).")
+    if len(good) > MAX_IMAGES:
+        raise UserError(f"{len(good)} images: upload at most {MAX_IMAGES} (pick the {MAX_IMAGES} best ones).")
+    return good
+
+
+def safe_filename(name: str) -> str:
+    """A file name made of a concept name (names from old or folded-in files may hold anything)."""
+    stem = re.sub(r"[^\w-]+", "_", name, flags=re.UNICODE).strip("._") or "concept"
+    return stem[:80]
+
+
+# -- selections -------------------------------------------------------------------------------------
+
+
+def normalize_selection(selection, names: list[str]) -> dict[str, float] | None:
+    """One image's selection as ``{name: weight}`` without zero weights (``None``: the base model)."""
+    if selection is None or selection == "" or selection == BASE_CHOICE:
+        return None
+    if isinstance(selection, str):
+        selection = {selection: 1.0}
+    if not isinstance(selection, dict):
+        raise UserError(f"A concept selection is a name, a {{name: weight}} mix or null; got {selection!r}.")
+    mix = {}
+    for name, weight in selection.items():
+        if name not in names:
+            known = ", ".join(repr(n) for n in names) or "none"
+            raise UserError(f"Unknown concept {name!r} (deleted or renamed?); the Share file holds: {known}.")
+        try:
+            weight = float(weight)
+        except (TypeError, ValueError):
+            raise UserError(f"The weight of {name!r} must be a number, got {weight!r}.") from None
+        if not math.isfinite(weight):
+            raise UserError(f"The weight of {name!r} must be a finite number, got {weight}.")
+        if weight:
+            mix[name] = weight
+    return mix or None
+
+
+def describe(mix: dict[str, float] | None) -> str:
+    if not mix:
+        return "base model"
+    return " + ".join(f"{n}" if w == 1 else f"{n} ×{w:g}" for n, w in mix.items())
+
+
+def fill_triggers(template: str, mix: dict[str, float] | None, triggers: dict[str, str | None]) -> str:
+    """Replace ``{trigger}`` by the triggers of the image's concepts (removed for the base model)."""
+    if TRIGGER_PLACEHOLDER not in template:
+        return template
+    words = " ".join(triggers.get(n) or "" for n in (mix or {})).strip()
+    text = template.replace(TRIGGER_PLACEHOLDER, words)
+    return re.sub(r"\s{2,}", " ", text).strip()
+
+
+# -- the Share file as loaded -----------------------------------------------------------------------
+
+
+@dataclass
+class Loaded:
+    """One version of the Share file, as loaded into the pipeline."""
+
+    version: int = 0
+    signature: tuple | None = None
+    state: share_diffusers.ShareState | None = None
+    header: dict = field(default_factory=dict)
+    sha256: str | None = None
+    size: int = 0
+    error: str | None = None  # the newest file on disk could not be loaded (this version is older)
+
+    @property
+    def names(self) -> list[str]:
+        return self.state.names if self.state is not None else []
+
+    @property
+    def triggers(self) -> dict[str, str | None]:
+        return {c["name"]: c.get("trigger") for c in (self.state.concepts if self.state is not None else [])}
+
+
+def file_signature(path: Path):
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def concept_table(loaded: Loaded) -> list[dict]:
+    """Per concept: name, trigger, date, steps, images, bytes in the file, LoRA-equivalent bytes, merge errors."""
+    header = loaded.header or {}
+    layers = header.get("base_model", {}).get("layers", {})
+    ks = header.get("k", {})
+    rows = []
+    for c in header.get("concepts", []):
+        p = int(c.get("p", 1))
+        size = sum(int(ks.get(layer, 0)) * p * 2 * 4 for layer in layers)  # B and A, float32
+        lora = sum(p * (n + d) * 4 for layer, (n, d) in layers.items() if int(ks.get(layer, 0)))
+        rows.append({
+            "name": c["name"], "trigger": c.get("trigger"), "date": c.get("date"), "steps": c.get("steps"),
+            "num_images": c.get("num_images"), "bytes": size, "lora_bytes": lora,
+            "merge_errors": [float(e) for e in c.get("merge_errors", [])],
+        })
+    return rows
+
+
+def file_summary(loaded: Loaded) -> dict:
+    header = loaded.header or {}
+    layers = header.get("base_model", {}).get("layers", {})
+    ks = {layer: int(k) for layer, k in header.get("k", {}).items()}
+    basis = sum((n + d) * ks.get(layer, 0) * 4 for layer, (n, d) in layers.items())
+    rows = concept_table(loaded)
+    return {
+        "concepts": len(rows), "file_bytes": loaded.size, "basis_bytes": basis,
+        "concept_bytes": sum(r["bytes"] for r in rows), "lora_bytes": sum(r["lora_bytes"] for r in rows),
+        "layers": len(layers), "k_min": min(ks.values(), default=0), "k_max": max(ks.values(), default=0),
+        "config": header.get("config", {}),
+    }
+
+
+# -- generation results -----------------------------------------------------------------------------
+
+
+@dataclass
+class Generated:
+    paths: list[Path]
+    captions: list[str]
+    selections: list[dict | None]
+    seeds: list[int]
+    seconds: float
+    info: str
+
+
+SAMPLERS = {
+    "DDIM": "DDIMScheduler",
+    "Euler": "EulerDiscreteScheduler",
+    "Euler a": "EulerAncestralDiscreteScheduler",
+    "DPM++ 2M": "DPMSolverMultistepScheduler",
+    "UniPC": "UniPCMultistepScheduler",
+    "PNDM": "PNDMScheduler",
+}
+DEFAULT_SAMPLER = "Default"
+
+
+def read_png_metadata(path) -> dict:
+    """The text chunks of a PNG written by the studio (``parameters`` and ``share_diffusers``)."""
+    with Image.open(path) as im:
+        info = dict(getattr(im, "text", {}) or im.info)
+    out = {k: v for k, v in info.items() if isinstance(v, str)}
+    if "share_diffusers" in out:
+        out["share_diffusers"] = json.loads(out["share_diffusers"])
+    return out
+
+
+# -- the studio ---------------------------------------------------------------------------------------
+
+
+class Studio:
+    """One base pipeline + one Share file, shared by every request of the web UI."""
+
+    def __init__(self, base, share_path, outputs, device: str = "cpu", dtype: torch.dtype | None = None,
+                 python: str | None = None, train_script: Path = TRAIN_SCRIPT, train_env: dict | None = None,
+                 note: str | None = None):
+        from diffusers import DiffusionPipeline
+
+        self.base = Path(base)
+        self.share_path = Path(share_path)
+        self.outputs = Path(outputs)
+        self.device = str(device)
+        self.note = note
+        self.python = python
+        self.train_script = Path(train_script)
+        self.train_env = dict(train_env or {})
+        if not (self.base / "model_index.json").is_file():
+            raise UserError(f"{self.base} is not a Diffusers pipeline folder (no model_index.json); pass --base PATH.")
+        dtype = dtype or (torch.float16 if self.device.startswith("cuda") else torch.float32)
+        self.pipe = DiffusionPipeline.from_pretrained(self.base, dtype=dtype, local_files_only=True)
+        self.pipe.to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.default_scheduler = self.pipe.scheduler
+        self._schedulers = {}
+        vae_scale = getattr(self.pipe, "vae_scale_factor", 8)
+        self.native_size = int(self.pipe.unet.config.sample_size * vae_scale)
+        self.gen_lock = threading.RLock()
+        self.file_lock = threading.RLock()
+        self._save_lock = threading.Lock()
+        self.loaded = Loaded()
+        self.job = None  # the current or last LearnJob
+        self.sync(strict=True)
+
+    # -- the Share file -----------------------------------------------------------------------------
+
+    def sync(self, strict: bool = False, block: bool = True) -> bool:
+        """Load the Share file if it changed on disk since it was loaded; returns True if it did.
+
+        A file that appeared, changed or vanished is picked up. If the new file cannot be loaded,
+        the previous version stays in use and ``loaded.error`` says why (``strict``: raise instead).
+        """
+        if not self.gen_lock.acquire(blocking=block):
+            return False
+        try:
+            signature = file_signature(self.share_path)
+            current = self.loaded
+            if signature == current.signature:
+                return False
+            if signature is None:
+                share_diffusers.unload_share(self.pipe)
+                self.loaded = Loaded(current.version + 1)
+                return True
+            try:
+                for _ in range(5):  # a file replaced while we read it: read the new one
+                    sha = file_sha256(self.share_path)
+                    state, header = read_share(self.share_path)
+                    if file_signature(self.share_path) == signature:
+                        break
+                    signature = file_signature(self.share_path)
+                share_diffusers.load_share(self.pipe, state)
+            except (ShareFileError, FileNotFoundError, OSError) as e:
+                if strict:
+                    raise UserError(str(e)) from e
+                self.loaded = Loaded(**{**current.__dict__, "signature": signature, "error": str(e)})
+                return True
+            self.loaded = Loaded(current.version + 1, signature, state, header, sha, signature[1])
+            return True
+        finally:
+            self.gen_lock.release()
+
+    def concepts(self) -> list[dict]:
+        return concept_table(self.loaded)
+
+    def summary(self) -> dict:
+        return file_summary(self.loaded)
+
+    # -- generation ---------------------------------------------------------------------------------
+
+    def _scheduler(self, sampler: str | None):
+        if not sampler or sampler == DEFAULT_SAMPLER or sampler.startswith(DEFAULT_SAMPLER + " "):
+            return self.default_scheduler
+        if sampler not in SAMPLERS:
+            raise UserError(f"Unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}.")
+        if sampler not in self._schedulers:
+            import diffusers
+
+            cls = getattr(diffusers, SAMPLERS[sampler])
+            self._schedulers[sampler] = cls.from_config(self.default_scheduler.config)
+        return self._schedulers[sampler]
+
+    def sampler_choices(self) -> list[str]:
+        return [f"{DEFAULT_SAMPLER} ({type(self.default_scheduler).__name__})", *SAMPLERS]
+
+    @staticmethod
+    def _check_numbers(steps, guidance, width, height, batch, seed):
+        def integer(value, what, lo, hi):
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise UserError(f"{what} must be a number, got {value!r}.") from None
+            if not math.isfinite(value) or value != int(value) or not lo <= value <= hi:
+                raise UserError(f"{what} must be a whole number from {lo} to {hi}, got {value:g}.")
+            return int(value)
+
+        steps = integer(steps, "Steps", 1, 200)
+        batch = integer(batch, "Batch size", 1, MAX_BATCH)
+        width = integer(width, "Width", 8, 2048)
+        height = integer(height, "Height", 8, 2048)
+        if width % 8 or height % 8:
+            raise UserError(f"Width and height must be multiples of 8, got {width}×{height}.")
+        seed = integer(-1 if seed is None or seed == "" else seed, "Seed", -1, 2**32 - 1 - MAX_BATCH)
+        try:
+            guidance = float(guidance)
+        except (TypeError, ValueError):
+            raise UserError(f"Guidance must be a number, got {guidance!r}.") from None
+        if not (math.isfinite(guidance) and 0 <= guidance <= 50):
+            raise UserError(f"Guidance must be between 0 and 50, got {guidance:g}.")
+        return steps, guidance, width, height, batch, seed
+
+    def generate(self, prompt: str, negative_prompt: str = "", selection=None, steps=20, guidance=5.0, seed=-1,
+                 width=None, height=None, batch_size=1, sampler=None, per_image: bool | None = None) -> Generated:
+        """Generate ``batch_size`` images; ``selection`` is one selection for all, or a list of one per image.
+
+        ``{trigger}`` in the prompt becomes each image's trigger words. Images are saved as PNGs
+        with the base, the Share file (path and SHA-256), the concepts and the settings in their text chunks.
+        """
+        prompt = "" if prompt is None else str(prompt)
+        negative_prompt = "" if negative_prompt is None else str(negative_prompt)
+        width, height = width or self.native_size, height or self.native_size
+        steps, guidance, width, height, batch, seed = self._check_numbers(steps, guidance, width, height, batch_size, seed)
+        if seed == -1:
+            seed = secrets.randbelow(2**31)
+        per_image = isinstance(selection, (list, tuple)) if per_image is None else per_image
+        if per_image and not isinstance(selection, (list, tuple)):
+            raise UserError("One concept per image needs a list with one selection per image.")
+        if per_image and len(selection) != batch:
+            raise UserError(f"One concept per image: got {len(selection)} selections for a batch of {batch}.")
+        seeds = [seed + i for i in range(batch)]
+        with self.gen_lock:
+            reloaded = self.sync()
+            loaded = self.loaded
+            names, triggers = loaded.names, loaded.triggers
+            mixes = [normalize_selection(s, names) for s in selection] if per_image else [normalize_selection(selection, names)] * batch
+            prompts = [fill_triggers(prompt, m, triggers) for m in mixes]
+            if loaded.state is not None:
+                share_diffusers.set_share_concepts(self.pipe, list(mixes) if per_image else mixes[0])
+            self.pipe.scheduler = self._scheduler(sampler)
+            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+            started = time.perf_counter()
+            try:
+                with torch.inference_mode():
+                    images = self.pipe(prompts, negative_prompt=[negative_prompt] * batch if negative_prompt else None,
+                                       num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
+                                       generator=generators).images
+            finally:
+                if loaded.state is not None:
+                    share_diffusers.set_share_concepts(self.pipe, None)
+                self.pipe.scheduler = self.default_scheduler
+            seconds = time.perf_counter() - started
+        sampler_name = type(self._scheduler(sampler)).__name__
+        record = {
+            "base": str(self.base.resolve()), "share_file": str(self.share_path.resolve()) if loaded.state is not None else None,
+            "share_sha256": loaded.sha256, "share_version": loaded.version, "prompt_template": prompt,
+            "negative_prompt": negative_prompt, "steps": steps, "guidance_scale": guidance, "width": width, "height": height,
+            "sampler": sampler_name, "batch_size": batch, "batch_selection": mixes if per_image else mixes[0],
+            "per_image": bool(per_image), "software": f"share-diffusers {share_diffusers.__version__} web UI",
+        }
+        paths = self._save(images, prompts, mixes, seeds, record, triggers)
+        captions = [describe(m) for m in mixes]  # seeds are on the info line and in each PNG
+        notes = []
+        if reloaded:
+            notes.append(f"Loaded the new version of the Share file ({len(names)} concepts).")
+        if loaded.error:
+            notes.append(f"⚠ The Share file on disk could not be loaded, the previous version is used: {loaded.error}")
+        missing = sorted({triggers.get(n) for m in mixes for n in (m or {}) if triggers.get(n)} -
+                         {t for p in prompts for t in re.findall(r"\S+", p)})
+        if missing:
+            notes.append(f"Tip: the prompt does not contain the trigger{'s' * (len(missing) > 1)} {', '.join(missing)}; "
+                         f"write it, or put {TRIGGER_PLACEHOLDER} where it belongs.")
+        info = (f"{batch} image{'s' * (batch > 1)} in {seconds:.2f} s · seeds {seeds[0]}" + (f"–{seeds[-1]}" if batch > 1 else "")
+                + f" · {steps} steps, {sampler_name}, guidance {guidance:g}, {width}×{height}")
+        return Generated(paths, captions, list(mixes), seeds, seconds, "\n\n".join([info, *notes]))
+
+    def _save(self, images, prompts, mixes, seeds, record, triggers) -> list[Path]:
+        folder = self.outputs / "images" / datetime.now().strftime("%Y-%m-%d")
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        with self._save_lock:
+            numbers = [int(p.name.split("-")[0]) for p in folder.glob("*.png") if p.name.split("-")[0].isdigit()]
+            counter = max(numbers, default=-1) + 1
+            for i, (image, prompt, mix, seed) in enumerate(zip(images, prompts, mixes, seeds)):
+                meta = dict(record, prompt=prompt, seed=seed, batch_index=i, concepts=mix,
+                            triggers={n: triggers.get(n) for n in (mix or {})})
+                info = PngImagePlugin.PngInfo()
+                info.add_text("parameters", a1111_parameters(meta))
+                info.add_text("share_diffusers", json.dumps(meta))
+                info.add_text("Software", record["software"])
+                path = folder / f"{counter + i:05d}-{seed}.png"
+                image.save(path, pnginfo=info)
+                paths.append(path)
+        return paths
+
+    def warmup(self) -> float:
+        """One tiny generation, so that the first user does not pay for lazy initialisation."""
+        started = time.perf_counter()
+        with self.gen_lock, torch.inference_mode():
+            self.pipe("", num_inference_steps=2, width=self.native_size, height=self.native_size, output_type="latent",
+                      generator=torch.Generator("cpu").manual_seed(0))
+        return time.perf_counter() - started
+
+    # -- managing concepts ----------------------------------------------------------------------------
+
+    def _refuse_during_job(self, action: str) -> None:
+        job = self.job
+        if job is not None and job.running:
+            view = job.view()
+            where = f"step {view['step']}/{view['max_steps']}" if view.get("max_steps") else view["state"]
+            raise UserError(f"Cannot {action} while the concept {job.name!r} is being learned ({where}): the learn "
+                            "job will rewrite the Share file when it finishes and would undo it. Wait for it to "
+                            "finish, or cancel it in the Learn tab.")
+
+    def _writable_state(self):
+        self.sync()
+        loaded = self.loaded
+        if loaded.error:
+            raise UserError(f"The Share file on disk cannot be loaded, so it cannot be changed: {loaded.error}")
+        if loaded.state is None:
+            raise UserError(f"There is no Share file at {self.share_path} yet: learn a concept first.")
+        return loaded
+
+    def rename(self, old: str, new: str) -> str:
+        with self.file_lock:
+            self._refuse_during_job("rename a concept")
+            loaded = self._writable_state()
+            if old not in loaded.names:
+                raise UserError(f"Pick the concept to rename; {old!r} is not in the Share file.")
+            new = check_concept_name(new, [n for n in loaded.names if n != old], what="new name")
+            if new == old:
+                raise UserError(f"The concept is already called {old!r}.")
+            state = loaded.state.rename(old, new)
+            save_share(state, self.share_path, config=loaded.header.get("config"))
+            write_model_card(self.share_path, state, loaded.header.get("config"))
+            self.sync()
+        return f"Renamed {old!r} to {new!r}."
+
+    def delete(self, name: str) -> dict[str, float]:
+        """Delete a concept and refit the basis to the others; returns their merge errors."""
+        with self.file_lock:
+            self._refuse_during_job("delete a concept")
+            loaded = self._writable_state()
+            if name not in loaded.names:
+                raise UserError(f"Pick the concept to delete; {name!r} is not in the Share file.")
+            config = loaded.header.get("config", {}) or {}
+            k_max = int(config.get("basis_rank") or max(loaded.header.get("k", {}).values(), default=64) or 64)
+            energy = config.get("basis_energy", config.get("energy"))
+            state, report = loaded.state.remove(name, k_max=k_max, energy=energy)
+            save_share(state, self.share_path, config=loaded.header.get("config"))
+            write_model_card(self.share_path, state, loaded.header.get("config"))
+            self.sync()
+        return {n: r["overall"] for n, r in report.items()}
+
+    def export_lora(self, name: str) -> Path:
+        """One concept as a standard Diffusers LoRA file (``pipe.load_lora_weights`` loads it)."""
+        with self.file_lock:
+            loaded = self._writable_state()
+            if name not in loaded.names:
+                raise UserError(f"Pick the concept to export; {name!r} is not in the Share file.")
+            out = self.outputs / "exports" / f"{safe_filename(name)}.safetensors"
+            share_to_lora(self.share_path, name, out)
+        return out
+
+    # -- learning ---------------------------------------------------------------------------------------
+
+    def start_learn(self, files, name, trigger, caption="a photo of {trigger}", steps=200, **train_args):
+        """Validate everything, then start a learn job; raises `UserError` (nothing written) on bad input."""
+        from .jobs import LearnJob
+
+        with self.file_lock:
+            self._refuse_during_job("start another learn job")
+            self.sync()
+            loaded = self.loaded
+            if loaded.error:
+                raise UserError(f"The Share file on disk cannot be loaded, so nothing can be added to it: {loaded.error}")
+            name = check_concept_name(name, loaded.names)
+            trigger = check_trigger(trigger, {t: n for n, t in loaded.triggers.items() if t})
+            caption = (caption or "").strip() or f"a photo of {TRIGGER_PLACEHOLDER}"
+            if TRIGGER_PLACEHOLDER not in caption and trigger not in caption.split():
+                raise UserError(f"The caption {caption!r} must contain the trigger ({TRIGGER_PLACEHOLDER} or {trigger!r}), "
+                                "or the concept will not be tied to it.")
+            caption = caption.replace(TRIGGER_PLACEHOLDER, trigger)
+            try:
+                steps = int(steps)
+            except (TypeError, ValueError):
+                raise UserError(f"Training steps must be a whole number, got {steps!r}.") from None
+            if not 1 <= steps <= 20000:
+                raise UserError(f"Training steps must be from 1 to 20000, got {steps}.")
+            images = check_images(files)
+            job = LearnJob(self, name=name, trigger=trigger, caption=caption, steps=steps, images=images, **train_args)
+            try:
+                job.start()
+            except OSError as e:
+                import shutil
+
+                shutil.rmtree(job.dir, ignore_errors=True)
+                raise UserError(f"Could not start the training process: {e}") from e
+            self.job = job
+        return job
+
+    def cancel_learn(self) -> str:
+        job = self.job
+        if job is None or not job.running:
+            return "No concept is being learned."
+        return job.cancel()
+
+    def job_view(self) -> dict:
+        return self.job.view() if self.job is not None else {"state": "idle"}
+
+    def on_job_finished(self, job) -> None:
+        """Called by the job's monitor thread when the process has exited."""
+        self.sync()
+
+    def close(self) -> None:
+        job = self.job
+        if job is not None and job.running:
+            job.cancel(wait=10)
+
+
+def a1111_parameters(meta: dict) -> str:
+    """The ``parameters`` text chunk in the AUTOMATIC1111 layout, so existing PNG-info tools read it."""
+    fields = [
+        ("Steps", meta["steps"]), ("Sampler", meta["sampler"]), ("CFG scale", f"{meta['guidance_scale']:g}"),
+        ("Seed", meta["seed"]), ("Size", f"{meta['width']}x{meta['height']}"), ("Model", Path(meta["base"]).name),
+        ("Share file", Path(meta["share_file"]).name if meta.get("share_file") else "none"),
+        ("Share sha256", (meta.get("share_sha256") or "")[:12]),
+        ("Share concepts", ", ".join(f"{n}:{w:g}" for n, w in (meta.get("concepts") or {}).items()) or "none"),
+        ("Version", meta["software"]),
+    ]
+    text = meta["prompt"]
+    if meta.get("negative_prompt"):
+        text += f"\nNegative prompt: {meta['negative_prompt']}"
+    quote = lambda v: json.dumps(str(v)) if any(c in str(v) for c in ",:\n") else str(v)
+    return text + "\n" + ", ".join(f"{k}: {quote(v)}" for k, v in fields)
