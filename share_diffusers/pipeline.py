@@ -87,21 +87,19 @@ def _weights(state: ShareState, selection) -> torch.Tensor:
 
 
 def resolve_selection(state: ShareState, selection) -> tuple[torch.Tensor, list[int] | None]:
-    """``(G, C)`` group weights and, for a per-prompt list, each prompt's group."""
+    """``(G, C)`` group weights and, for a per-prompt list, each prompt's group.
+
+    A per-prompt list gets one group per prompt, equal entries included: the selection's
+    shapes then depend only on the number of prompts, so a compiled UNet is not recompiled
+    when the concepts change (and a k×k core per prompt costs nothing).
+    """
     if isinstance(selection, (list, tuple)):
         if not selection:
             raise ValueError("An empty list selects nothing; pass None for the base model.")
         rows = [_weights(state, s) for s in selection]
         if len(rows) == 1:
             return rows[0][None], None
-        groups, prompt_group = [], []
-        for row in rows:
-            match = next((g for g, r in enumerate(groups) if torch.equal(r, row)), None)
-            if match is None:
-                groups.append(row)
-                match = len(groups) - 1
-            prompt_group.append(match)
-        return torch.stack(groups), prompt_group
+        return torch.stack(rows), list(range(len(rows)))
     return _weights(state, selection)[None], None
 
 

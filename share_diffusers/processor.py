@@ -93,6 +93,18 @@ class ShareAdapter(nn.Module):
         self.fused = False  # the selection is folded into the weights
         self.trainer: NewConcept | None = None
         self.targets: list[nn.Module] = []  # the adapted modules, in layer order (plain list: not registered)
+        self.processors: list[tuple[str, nn.Module, "ShareAttnProcessor"]] = []  # (name, Attention, ours)
+        self._refresh_views()
+
+    def _refresh_views(self) -> None:
+        """Per layer ``(U, V, cores[:, i, :k, :k])``, looked up once instead of on every call (the
+        views follow in-place updates of ``cores``; rebuilt when a buffer is replaced)."""
+        self._views = [(b.U, b.V, self.cores[:, i, :k, :k]) for i, (b, k) in enumerate(zip(self.bases, self.k))]
+
+    def _apply(self, fn, recurse=True):  # .to(), .half(), …: new buffer tensors, so new views
+        super()._apply(fn, recurse)
+        self._refresh_views()
+        return self
 
     @property
     def enabled(self) -> bool:
@@ -119,20 +131,23 @@ class ShareAdapter(nn.Module):
             self.cores.copy_(cores)
         else:
             self.cores = cores
+            self._refresh_views()
         self.active = True
 
-    def delta(self, i: int, x: Tensor) -> Tensor:
-        """The delta of layer ``i`` for input ``x``: the new concept being trained, else the selection."""
+    def delta(self, i: int, x: Tensor, out: Tensor | None = None) -> Tensor:
+        """The delta of layer ``i`` for input ``x``: the new concept being trained, else the selection.
+
+        With ``out`` (the layer's output), the delta is added into it in place and ``out`` returned.
+        """
         if self.trainer is not None:
-            U, V, core = self.trainer.layers[i].expanded()
-            return share_delta(x, U.to(x.dtype), V.to(x.dtype), core[None].to(x.dtype))
-        k, basis = self.k[i], self.bases[i]
-        return share_delta(x, basis.U, basis.V, self.cores[:, i, :k, :k], self.index)
+            return self.trainer.layers[i](x, out)
+        U, V, cores = self._views[i]
+        return share_delta(x, U, V, cores, self.index, out)
 
     def dense(self, i: int) -> Tensor:
         """Dense ΔW of layer ``i`` for the current (single-group) selection."""
-        k, basis = self.k[i], self.bases[i]
-        return dense_delta(basis.U.float(), basis.V.float(), self.cores[0, i, :k, :k].float())
+        U, V, cores = self._views[i]
+        return dense_delta(U.float(), V.float(), cores[0].float())
 
     # -- fusing: fold the selection into W0, and restore W0 bit-exactly ----------------------
 
@@ -183,7 +198,7 @@ class ShareAttnProcessor:
     def _project(self, name: str, module: nn.Module, x: Tensor) -> Tensor:
         y = module(x)
         i = self.slots.get(name)
-        return y if i is None else y + self.adapter.delta(i, x)
+        return y if i is None else self.adapter.delta(i, x, out=y)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         if not self.adapter.enabled:
@@ -262,7 +277,9 @@ def attach(model: nn.Module, kind: str, names: list[str], adapter: ShareAdapter)
                 )
         for owner, slots in by_attention.items():
             attn = model.get_submodule(owner)
-            attn.set_processor(ShareAttnProcessor(adapter, slots, attn.processor))
+            processor = ShareAttnProcessor(adapter, slots, attn.processor)
+            attn.set_processor(processor)
+            adapter.processors.append((owner, attn, processor))
     else:
         adapter.hooks = [
             base_linear(module).register_forward_hook(_text_hook(adapter, i)) for i, module in enumerate(adapter.targets)
@@ -280,18 +297,21 @@ def _split_projection(name: str) -> tuple[str, str]:
 def _text_hook(adapter: ShareAdapter, i: int):
     def hook(module, args, output):
         if adapter.enabled:
-            return output + adapter.delta(i, args[0])
+            return adapter.delta(i, args[0], out=output)
 
     return hook
 
 
 def replaced_processors(model: nn.Module) -> list[str]:
-    """Attention modules whose Share processor was replaced since `attach` (empty when intact)."""
+    """Attention modules whose Share processor was replaced since `attach` (empty when intact).
+
+    Checked on every concept switch, so it only compares the processors `attach` installed
+    (walking the model, e.g. through ``attn_processors``, would cost milliseconds).
+    """
     adapter = getattr(model, "share_adapter", None)
-    if adapter is None or not hasattr(model, "attn_processors"):
+    if adapter is None:
         return []
-    owners = {_split_projection(getattr(m, "_share_name"))[0] for m in adapter.targets}
-    return sorted(o for o in owners if not isinstance(model.get_submodule(o).processor, ShareAttnProcessor))
+    return sorted(name for name, attn, processor in adapter.processors if attn.processor is not processor)
 
 
 def detach(model: nn.Module) -> None:
@@ -300,10 +320,10 @@ def detach(model: nn.Module) -> None:
     if adapter is None:
         return
     adapter.unfuse()
-    for module in model.modules():
-        processor = getattr(module, "processor", None)
-        if isinstance(processor, ShareAttnProcessor) and processor.adapter is adapter:
-            module.set_processor(processor.original)
+    for _, attn, processor in adapter.processors:
+        if attn.processor is processor:
+            attn.set_processor(processor.original)
+    adapter.processors = []
     for handle in getattr(adapter, "hooks", []):
         handle.remove()
     for module in adapter.targets:

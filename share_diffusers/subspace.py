@@ -37,19 +37,36 @@ __all__ = [
 # ----------------------------------------------------------------------------- the delta
 
 
-def share_delta(x: Tensor, U: Tensor, V: Tensor, core: Tensor, index: Tensor | None = None) -> Tensor:
+def share_delta(
+    x: Tensor, U: Tensor, V: Tensor, core: Tensor | None, index: Tensor | None = None, out: Tensor | None = None
+) -> Tensor:
     """``ΔW x`` for a batch of inputs ``x`` (batch, ..., d) → (batch, ..., n), never forming ΔW.
 
     ``core`` is ``(G, k, k)``: one core per selection group. ``index`` (batch,) gives each
     sample's group; ``None`` means every sample uses ``core[0]``. The two large products
     (``x V`` and ``· Uᵀ``) are shared by the whole batch; only the k×k step is per sample.
+    ``core=None`` means ``ΔW = U Vᵀ`` (plain factors, as while training a new concept).
+
+    With ``out`` (the layer's output ``W0 x``) the result is ``out`` plus the delta. At inference
+    (nothing requires grad) the delta is added into ``out`` in place by one ``addmm``: no
+    (batch, ..., n) temporary is allocated, and on a CPU that allocation, not the arithmetic, is
+    most of an adapter's cost at this rank.
     """
     u = x @ V
-    if index is None:
+    if core is None:
+        v = u
+    elif index is None:
         v = u @ core[0].mT
     else:
         v = (u.reshape(u.shape[0], -1, u.shape[-1]) @ core[index].mT).view_as(u)
-    return v @ U.mT
+    if out is None:
+        return v @ U.mT
+    if out.requires_grad or v.requires_grad or U.requires_grad or not out.is_contiguous():
+        return out + v @ U.mT  # autograd gets a plain graph (in place, the backward was not bit-reproducible)
+    if v.dtype != out.dtype or U.dtype != out.dtype:  # e.g. under autocast
+        v, U = v.to(out.dtype), U.to(out.dtype)
+    out.view(-1, out.shape[-1]).addmm_(v.reshape(-1, v.shape[-1]), U.mT)
+    return out
 
 
 def dense_delta(U: Tensor, V: Tensor, core: Tensor) -> Tensor:
@@ -287,16 +304,18 @@ class ShareState:
 
         concepts = [dict(c, merge_errors=list(c.get("merge_errors", []))) for c in self.concepts]
         concepts += [dict(meta.get(c, {}), name=c, merge_errors=[]) for c in new]
+        # relative errors of every (layer, concept) at once: a Python loop over C × L scalars costs seconds
+        empty = torch.zeros(0, len(names), dtype=torch.float64)
+        norm2_lc = torch.stack(list(norm2.values())) if norm2 else empty  # (L, C)
+        err2_lc = torch.stack(list(err2.values())) if err2 else empty
+        rel = torch.where(norm2_lc > 0, err2_lc / norm2_lc.clamp_min(1e-300), torch.zeros_like(err2_lc)).sqrt()
+        total_n, total_e = norm2_lc.sum(0), err2_lc.sum(0)
+        overall = torch.where(total_n > 0, total_e / total_n.clamp_min(1e-300), torch.zeros_like(total_e)).sqrt()
+        rel, overall = rel.T.tolist(), overall.tolist()
         report = {}
-        total_n = sum(norm2.values())
-        total_e = sum(err2.values())
         for i, c in enumerate(names):
-            per_layer = {
-                lname: math.sqrt(err2[lname][i] / norm2[lname][i]) if norm2[lname][i] > 0 else 0.0 for lname in layers
-            }
-            overall = math.sqrt(total_e[i] / total_n[i]) if total_n[i] > 0 else 0.0
-            report[c] = {"overall": overall, "layers": per_layer}
-            concepts[i]["merge_errors"].append(round(overall, 8))
+            report[c] = {"overall": overall[i], "layers": dict(zip(layers, rel[i]))}
+            concepts[i]["merge_errors"].append(round(overall[i], 8))
         return ShareState(layers, concepts), report
 
     def remove(self, name: str, k_max: int = 64, energy: float | None = None) -> tuple["ShareState", dict]:
@@ -332,8 +351,8 @@ class NewConceptLayer(nn.Module):
         super().__init__()
         (n, k), d = U.shape, V.shape[0]
         phi = max(0, min(phi, n - k, d - k))
-        self.register_buffer("U", U.detach().clone())
-        self.register_buffer("V", V.detach().clone())
+        self.register_buffer("U", U.detach())  # the frozen basis is referenced, not copied
+        self.register_buffer("V", V.detach())
         rand = lambda *s: torch.randn(*s, generator=generator, dtype=U.dtype)  # noqa: E731
         std = 1.0 / math.sqrt(3 * max(k + phi, 1))
         self.B = nn.Parameter(torch.zeros(k, p, dtype=U.dtype))
@@ -350,12 +369,14 @@ class NewConceptLayer(nn.Module):
         return torch.cat([self.U, self.U_tmp], 1), torch.cat([self.V, self.V_tmp], 1), Bc @ Ac.mT
 
     def factors(self) -> tuple[Tensor, Tensor]:
-        """Dense factors ``(B̂ n×p, Â d×p)`` for the merge."""
-        return self.U @ self.B + self.U_tmp @ self.B_tmp, self.V @ self.A + self.V_tmp @ self.A_tmp
+        """Dense factors ``(B̂ n×p, Â d×p)`` (for the forward pass and the merge)."""
+        return torch.addmm(self.U_tmp @ self.B_tmp, self.U, self.B), torch.addmm(self.V_tmp @ self.A_tmp, self.V, self.A)
 
-    def forward(self, x: Tensor) -> Tensor:
-        U, V, core = self.expanded()
-        return share_delta(x, U, V, core[None])
+    def forward(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        """``ΔW x`` (added into ``out`` in place when given). Uses the rank-p factors ``B̂ Âᵀ``:
+        the large products are p wide, not k + φ."""
+        B, A = self.factors()
+        return share_delta(x, B.to(x.dtype), A.to(x.dtype), None, out=out)
 
 
 def _random_orthonormal(basis: Tensor, phi: int, rand) -> Tensor:
