@@ -195,3 +195,59 @@ def with_layers(state: ShareState, shapes: dict[str, tuple[int, int]]) -> ShareS
         if name not in layers:
             layers[name] = LayerShare(torch.zeros(n, 0), torch.zeros(d, 0), torch.zeros(C, 0, 1), torch.zeros(C, 0, 1))
     return ShareState(layers, state.concepts)
+
+
+# -- the LoRA baseline --------------------------------------------------------------------------
+
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def train_lora_baseline(pipe, adapter_name: str, examples: list[Example], steps: int, lr: float, batch_size: int = 4,
+                        rank: int = 4, seed: int = 0, center_crop: bool = True) -> dict[str, torch.Tensor]:
+    """Train a PEFT LoRA (``lora_alpha = rank``) on the UNet's attention projections, the yardstick
+    Share is measured against; returns its state dict in Diffusers format (``save_lora_weights``).
+
+    Same data pipeline, loss, batch size, optimizer and clipping as ``learn_concept.py``. A new
+    adapter is added, or an existing ``adapter_name`` keeps training (naive sequential fine-tuning).
+    The base stays frozen and the adapter stays active on ``pipe``.
+    """
+    from diffusers import DDPMScheduler
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = pipe.unet
+    if adapter_name not in getattr(unet, "peft_config", {}):
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
+            unet.add_adapter(config, adapter_name=adapter_name)
+    unet.set_adapter(adapter_name)
+    unet.requires_grad_(False)
+    params = [p for name, p in unet.named_parameters() if f".{adapter_name}." in name and "lora_" in name]
+    for p in params:
+        p.requires_grad_(True)
+    dataset = ConceptDataset(examples, pipe.unet.config.sample_size * pipe.vae_scale_factor, center_crop=center_crop, seed=seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate,
+                                         generator=torch.Generator().manual_seed(seed))
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    step, epoch = 0, 0
+    while step < steps:
+        dataset.set_epoch(epoch)
+        for batch in loader:
+            with torch.no_grad():
+                latents = latent_dist(pipe.vae, batch["pixel_values"]).sample(generator) * pipe.vae.config.scaling_factor
+                text = encode_text(pipe.tokenizer, pipe.text_encoder, batch["captions"])
+            denoising_loss(unet, noise_scheduler, latents, text, generator=generator).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step(), optimizer.zero_grad()
+            step += 1
+            if step == steps:
+                break
+        epoch += 1
+    for p in params:
+        p.requires_grad_(False)
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))

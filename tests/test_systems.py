@@ -5,7 +5,6 @@ makes the timings possible (no recompilation, no model walk on a switch, linear 
 in-place delta) and that the benchmark measures what it claims to.
 """
 
-import copy
 import json
 import random
 import sys

@@ -1,0 +1,297 @@
+#!/usr/bin/env python
+"""Continual benchmark: concepts of the procedural world learned one after another, Share against
+the baselines, all run by this script with the same data, steps and tuning effort.
+
+Methods
+- ``share``        ``train/learn_concept.py`` per concept into one Share file (the real product path)
+- ``lora``         an independent PEFT LoRA per concept (rank 4, same layers): no forgetting by
+                   construction, one file per concept — the quality reference
+- ``naive``        ONE LoRA fine-tuned on concept after concept: what forgetting looks like
+- ``joint``        one LoRA trained on all concepts' data at once (not continual; an upper bound
+                   for a single shared adapter), evaluated at the end only
+
+Scores: R[i, j] = normalised held-out score on concept j after learning concept i (0 = base model,
+1 = the shipped reference LoRA); from R: average score, forgetting, backward transfer. At the end
+also identity accuracy of generated images (the world's classifier), drift on prompts without a
+concept, bytes stored per concept, trainable parameters and wall time. Output: JSON, a markdown
+table and a PNG plot in ``--out``.
+
+    python benchmarks/continual.py                 # 10 concepts, full run (CPU: about an hour)
+    python benchmarks/continual.py --quick         # 3 concepts, few steps: a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import share_diffusers  # noqa: E402,F401
+from share_diffusers import evaluation, read_share, world  # noqa: E402
+from share_diffusers.training import read_instance_images, train_lora_baseline  # noqa: E402
+
+METHODS = ("share", "lora", "naive", "joint")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--base", default=str(world.TINY_BASE))
+    p.add_argument("--concepts", type=int, default=10)
+    p.add_argument("--steps", type=int, default=400, help="training steps per concept, every method")
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--lora_rank", type=int, default=4)
+    p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2], help="learning rates tried on the first concept, per method")
+    p.add_argument("--images", type=int, default=10, help="generated images per concept for identity accuracy")
+    p.add_argument("--share_args", default="", help="extra flags for learn_concept.py (e.g. '--coef_rank 2')")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "continual"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="3 concepts, 20 steps, one learning rate, 2 images")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.concepts, args.steps, args.lrs, args.images = 3, 20, args.lrs[:1], 2
+    return args
+
+
+# -- shared pieces ---------------------------------------------------------------------------------
+
+
+def load_base(path) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def score(pipe, concept) -> float:
+    return evaluation.concept_score(pipe, concept)
+
+
+def train_lora(pipe, adapter: str, concepts, steps: int, lr: float, args) -> float:
+    """Train (or keep training) a PEFT LoRA on the concepts' training images; returns wall seconds."""
+    started = time.time()
+    examples = [ex for c in concepts for ex in read_instance_images(c.path / "train", None)]
+    train_lora_baseline(pipe, adapter, examples, steps, lr, args.batch_size, args.lora_rank, args.seed)
+    return time.time() - started
+
+
+def lora_numbers(pipe, adapter: str) -> tuple[int, int]:
+    """Trainable parameters and fp32 bytes of one LoRA adapter."""
+    n = sum(p.numel() for name, p in pipe.unet.named_parameters() if f".{adapter}." in name and "lora_" in name)
+    return n, 4 * n
+
+
+# -- the methods --------------------------------------------------------------------------------------
+
+
+def run_share(args, concepts, lr, out: Path, evaluate=True) -> dict:
+    share = out / "share.safetensors"
+    share.unlink(missing_ok=True)
+    T = len(concepts)
+    R = np.zeros((T, T))
+    wall = 0.0
+    pipe = load_base(args.base)
+    for i, c in enumerate(concepts):
+        cmd = [sys.executable, str(ROOT / "train" / "learn_concept.py"), "--pretrained_model_name_or_path", args.base,
+               "--instance_data_dir", str(c.path / "train"), "--share_path", str(share), "--output_dir", str(out / "runs" / c.name),
+               "--max_train_steps", str(args.steps), "--train_batch_size", str(args.batch_size), "--learning_rate", str(lr),
+               "--center_crop", "--report_to", "none", "--num_validation_images", "1", "--seed", str(args.seed), *args.share_args.split()]
+        started = time.time()
+        result = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        if result.returncode:
+            raise RuntimeError(f"learn_concept.py failed on {c.name}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+        report = json.loads((out / "runs" / c.name / "report.json").read_text())
+        wall += time.time() - started
+        if not evaluate:
+            continue
+        pipe.load_share(share)
+        for j in range(i + 1):
+            pipe.set_share_concepts(concepts[j].name)
+            R[i, j] = score(pipe, concepts[j])
+        print(f"  share: after {c.name}: " + " ".join(f"{x:.2f}" for x in R[i, : i + 1]) + f"  (wall {report['wall_time_s']} s)")
+    state, header = read_share(share)
+    last = state.names[-1]
+    coef_bytes = sum(4 * 2 * layer.k * next(c["p"] for c in header["concepts"] if c["name"] == last) for layer in state.layers.values())
+    k_final = {l.k for l in state.layers.values()}
+    return {"R": R, "pipe": pipe, "select": lambda j: pipe.set_share_concepts(concepts[j].name), "wall_s": wall,
+            "bytes_per_concept": coef_bytes, "file_bytes": share.stat().st_size,
+            "trainable_params": share_trainable_params(state, args), "k": [min(k_final), max(k_final)],
+            "merge_errors": {c["name"]: c["merge_errors"] for c in state.concepts}}
+
+
+def share_trainable_params(state, args) -> int:
+    """Trainable numbers of the last concept's run: coefficients + temporary directions."""
+    flags = args.share_args.split()
+    get = lambda flag, default: int(flags[flags.index(flag) + 1]) if flag in flags else default  # noqa: E731
+    p, phi = get("--coef_rank", 1), get("--num_extra_directions", 2)
+    return sum(2 * layer.k * p + phi * (n + d) + 2 * phi * p for layer in state.layers.values() for n, d in [layer.shape])
+
+
+def run_lora(args, concepts, lr, out: Path, evaluate=True) -> dict:
+    T = len(concepts)
+    R = np.zeros((T, T))
+    pipe = load_base(args.base)
+    wall = 0.0
+    for i, c in enumerate(concepts):
+        wall += train_lora(pipe, f"c{i}", [c], args.steps, lr, args)
+        if evaluate:
+            for j in range(i + 1):  # concept j uses its own LoRA, trained once: no forgetting
+                pipe.set_adapters([f"c{j}"])
+                R[i, j] = score(pipe, concepts[j])
+            print(f"  lora: after {c.name}: " + " ".join(f"{x:.2f}" for x in R[i, : i + 1]))
+    params, nbytes = lora_numbers(pipe, "c0")
+    return {"R": R, "pipe": pipe, "select": lambda j: pipe.set_adapters([f"c{j}"]), "wall_s": wall,
+            "bytes_per_concept": nbytes, "trainable_params": params}
+
+
+def run_naive(args, concepts, lr, out: Path, evaluate=True) -> dict:
+    T = len(concepts)
+    R = np.zeros((T, T))
+    pipe = load_base(args.base)
+    wall = 0.0
+    for i, c in enumerate(concepts):
+        wall += train_lora(pipe, "seq", [c], args.steps, lr, args)
+        for j in range(i + 1):
+            R[i, j] = score(pipe, concepts[j])
+        print(f"  naive: after {c.name}: " + " ".join(f"{x:.2f}" for x in R[i, : i + 1]))
+    params, nbytes = lora_numbers(pipe, "seq")
+    return {"R": R, "pipe": pipe, "select": lambda j: None, "wall_s": wall, "bytes_per_concept": nbytes / T, "trainable_params": params}
+
+
+def run_joint(args, concepts, lr, out: Path, evaluate=True) -> dict:
+    T = len(concepts)
+    R = np.full((T, T), np.nan)
+    pipe = load_base(args.base)
+    wall = train_lora(pipe, "joint", concepts, args.steps * T, lr, args)
+    R[-1] = [score(pipe, c) for c in concepts]
+    print("  joint: " + " ".join(f"{x:.2f}" for x in R[-1]))
+    params, nbytes = lora_numbers(pipe, "joint")
+    return {"R": R, "pipe": pipe, "select": lambda j: None, "wall_s": wall, "bytes_per_concept": nbytes / T, "trainable_params": params}
+
+
+RUNNERS = {"share": run_share, "lora": run_lora, "naive": run_naive, "joint": run_joint}
+LR_FROM = {"share": "share", "lora": "lora", "naive": "lora", "joint": "lora"}
+
+
+def tune(args, concept, out: Path) -> dict[str, float]:
+    """The same learning-rate sweep for Share and for LoRA, on the first concept only."""
+    best = {}
+    for method in ("share", "lora"):
+        if len(args.lrs) == 1:
+            best[method] = args.lrs[0]
+            continue
+        scores = {}
+        for lr in args.lrs:
+            run = RUNNERS[method](args, [concept], lr, out / f"tune-{method}-{lr:g}", evaluate=False)
+            if method == "share":
+                run["pipe"].load_share(out / f"tune-{method}-{lr:g}" / "share.safetensors")
+            run["select"](0)
+            scores[lr] = score(run["pipe"], concept)
+        best[method] = max(scores, key=scores.get)
+        print(f"tuning {method}: " + ", ".join(f"lr {lr:g} → {s:.3f}" for lr, s in scores.items()) + f"; using {best[method]:g}")
+    return best
+
+
+def final_metrics(run, concepts, classifier, prompts, references, args) -> dict:
+    """Identity accuracy per concept and drift on no-concept prompts, in the method's final state."""
+    pipe, identity = run["pipe"], []
+    for j, c in enumerate(concepts):
+        run["select"](j)
+        identity.append(evaluation.generation_metrics(pipe, c, classifier, n=args.images, seed=args.seed)["identity"])
+    run["select"](len(concepts) - 1)  # the last concept active on prompts that do not mention it
+    return {"identity": identity, "drift": evaluation.drift(pipe, prompts, references, seed=args.seed)}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    concepts = world.list_concepts(world.CONCEPTS)[: args.concepts]
+    torch.manual_seed(args.seed)
+    lrs = tune(args, concepts[0], out)
+    classifier = evaluation.load_identity_classifier()
+    prompts = evaluation.no_concept_prompts(8, args.seed)
+    references = evaluation.generate(load_base(args.base), prompts, args.seed)
+    results = {}
+    for method in args.methods:
+        print(f"== {method} (lr {lrs[LR_FROM[method]]:g})")
+        run = RUNNERS[method](args, concepts, lrs[LR_FROM[method]], out / method)
+        metrics = evaluation.continual_metrics(np.nan_to_num(run["R"])) if method != "joint" else {"average_score": float(np.mean(run["R"][-1]))}
+        extra = final_metrics(run, concepts, classifier, prompts, references, args)
+        results[method] = {"lr": lrs[LR_FROM[method]], "R": run["R"].tolist(), **metrics, **extra,
+                           "identity_mean": float(np.mean(extra["identity"])),
+                           **{k: v for k, v in run.items() if k not in ("R", "pipe", "select")}}
+    summary = {"concepts": [c.name for c in concepts], "steps": args.steps, "batch_size": args.batch_size,
+               "lora_rank": args.lora_rank, "share_args": args.share_args, "methods": results,
+               "hardware": hardware(), "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))}
+    (out / "continual.json").write_text(json.dumps(summary, indent=2, default=float))
+    (out / "continual.md").write_text(table(summary))
+    plot(summary, out / "continual.png")
+    print(table(summary))
+    return summary
+
+
+def hardware() -> str:
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), "unknown CPU")
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
+
+
+def table(summary: dict) -> str:
+    m = summary["methods"]
+    ref = m.get("lora", {})
+    rows = ["| method | avg score | forgetting | backward transfer | identity acc. | drift | bytes / concept | trainable params | wall time |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    f = lambda v, d=3: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
+    for name, r in m.items():
+        ratio = f" ({ref['bytes_per_concept'] / r['bytes_per_concept']:.0f}× smaller)" if ref and name == "share" else ""
+        rows.append(f"| {name} | {f(r['average_score'])} | {f(r.get('forgetting'))} | {f(r.get('backward_transfer'))} | "
+                    f"{f(r['identity_mean'], 2)} | {f(r['drift'], 4)} | {r['bytes_per_concept']:,.0f}{ratio} | {r['trainable_params']:,} | "
+                    f"{r['wall_s']:.0f} s |")
+    notes = []
+    if "share" in m and ref:
+        s = m["share"]
+        notes.append(f"Share / independent LoRA: average score {s['average_score'] / ref['average_score']:.2f}×, "
+                     f"identity accuracy {100 * (s['identity_mean'] - ref['identity_mean']):+.0f} points.")
+    return "\n".join(rows + [""] + notes) + "\n"
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = summary["methods"]
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.4), sharey=True, squeeze=False)
+    T = len(summary["concepts"])
+    for ax, (name, r) in zip(axes[0], methods.items()):
+        R = np.array(r["R"], dtype=float)
+        for j in range(T):
+            if name == "joint":
+                ax.plot([T - 1], [R[-1, j]], "o")
+            else:
+                ax.plot(range(j, T), R[j:, j], marker=".", label=summary["concepts"][j] if name == "share" else None)
+        ax.set_title(f"{name}: avg {r['average_score']:.2f}" + (f", forgetting {r['forgetting']:.3f}" if "forgetting" in r else ""))
+        ax.set_xlabel("concepts learned")
+        ax.axhline(1.0, color="grey", lw=0.5, ls="--")
+        ax.set_xticks(range(T))
+        ax.set_xticklabels(range(1, T + 1))
+    axes[0][0].set_ylabel("normalised held-out score")
+    fig.legend(loc="lower center", ncol=min(T, 5), fontsize=7, bbox_to_anchor=(0.5, -0.08))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""Quality metrics in the procedural world (DESIGN.md §5), for any StableDiffusionPipeline.
+
+Every function takes a pipeline and measures whatever adapter is active on it (PEFT LoRA, Share,
+a fused model...), so one set of metrics serves the tests, the benchmarks and every baseline.
+
+- Fidelity to a concept: held-out denoising loss on fixed timesteps and noises, normalised so that
+  the base model scores 0 and an independent per-concept LoRA scores 1 (`normalized_score`).
+- What generated images show: a small CNN trained from scratch on renders names the object
+  (`identity_accuracy`, base-shape accuracy); analytic checks read the background colour, the
+  object's colour and its position.
+- Continual learning: `continual_metrics` of the matrix R[i, j] = score on concept j after
+  learning concept i.
+- Damage to the base model: `drift` on prompts that mention no concept, and `base_quality`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from PIL import Image
+from safetensors.torch import load_file
+from torch import nn
+
+from . import world
+
+DEFAULT_STEPS = 25
+DEFAULT_GUIDANCE = 5.0
+LOSS_TIMESTEPS = tuple(range(50, 1000, 100))  # 50, 150, ..., 950
+CLASSIFIER = world.ASSETS / "classifier"
+
+
+# --------------------------------------------------------------------------- generation
+
+@torch.no_grad()
+def generate(pipe, prompts: list[str], seed: int = 0, steps: int = DEFAULT_STEPS,
+             guidance_scale: float = DEFAULT_GUIDANCE, batch_size: int = 8, **pipe_kwargs) -> list[Image.Image]:
+    """Images for prompts; image i depends only on (prompt i, seed + i), never on the batching."""
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(batch))]
+        images += pipe(batch, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators,
+                       **pipe_kwargs).images
+    return images
+
+
+def to_batch(images) -> torch.Tensor:
+    """PIL images -> float NCHW in [-1, 1] (the VAE's and the classifier's input range)."""
+    array = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
+    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1
+
+
+# --------------------------------------------------------------------------- held-out denoising loss
+
+@torch.no_grad()
+def heldout_loss(pipe, images, captions: list[str], seed: int = 0, timesteps=LOSS_TIMESTEPS,
+                 cross_attention_kwargs: dict | None = None) -> float:
+    """Mean denoising MSE of the pipeline on (images, captions), with fixed timesteps and noises.
+
+    Why: a generative model that has learned a concept predicts the noise on unseen images of it
+    better. Everything random is fixed by `seed`, so two adapters are compared on identical
+    problems and a repeated call returns the same number.
+    """
+    device = pipe.unet.device
+    latents = pipe.vae.encode(to_batch(images).to(device, pipe.vae.dtype)).latent_dist.mean
+    latents = latents * pipe.vae.config.scaling_factor
+    text = pipe.encode_prompt(captions, device, 1, False)[0]
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the forward process only
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    for t in timesteps:
+        noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+        t = torch.full((len(latents),), t, device=device)
+        if noise_scheduler.config.prediction_type == "v_prediction":
+            target = noise_scheduler.get_velocity(latents, noise, t)
+        else:
+            target = noise
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        prediction = pipe.unet(noisy, t, text, cross_attention_kwargs=cross_attention_kwargs).sample
+        losses.append(F.mse_loss(prediction.float(), target.float()).item())
+    return float(np.mean(losses))
+
+
+def normalized_score(loss: float, base_loss: float, ref_loss: float) -> float:
+    """(L_base - L) / (L_base - L_ref): 0 = the untouched base model, 1 = the reference LoRA."""
+    return (base_loss - loss) / (base_loss - ref_loss)
+
+
+def concept_score(pipe, concept: world.ConceptFolder, **loss_kwargs) -> float:
+    """Normalised held-out score of the pipeline on a concept, using its stored base/reference losses."""
+    stored = concept.metadata["evaluation"]
+    loss = heldout_loss(pipe, [s.image for s in concept.heldout], [s.caption for s in concept.heldout],
+                        seed=stored["loss_seed"], **loss_kwargs)
+    return normalized_score(loss, stored["base_loss"], stored["reference_loss"])
+
+
+# --------------------------------------------------------------------------- identity classifier
+
+class IdentityClassifier(nn.Module):
+    """Small CNN naming the object in a 64x64 render: a base shape or a shipped concept.
+
+    Global pooling makes it blind to where the object is, which the analytic checks measure.
+    """
+
+    def __init__(self, classes: list[str], width: int = 24):
+        super().__init__()
+        self.classes = list(classes)
+        channels = [3, width, 2 * width, 3 * width, 4 * width]
+        layers = []
+        for c_in, c_out in zip(channels, channels[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(channels[-1], len(self.classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+    @torch.no_grad()
+    def predict(self, images) -> list[str]:
+        logits = self(to_batch([im.resize((world.RESOLUTION,) * 2) for im in images]))
+        return [self.classes[i] for i in logits.argmax(dim=1).tolist()]
+
+
+def load_identity_classifier(path=CLASSIFIER) -> IdentityClassifier:
+    """The shipped classifier (train/train_classifier.py), in eval mode."""
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    model = IdentityClassifier(config["classes"], config["width"])
+    model.load_state_dict(load_file(path / "model.safetensors"))
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- analytic checks
+
+def nearest_colour(rgb) -> str:
+    """The palette colour name closest to an RGB triple."""
+    names = list(world.COLOURS)
+    distances = np.linalg.norm(np.array([world.COLOURS[n] for n in names], float) - np.asarray(rgb, float), axis=1)
+    return names[int(distances.argmin())]
+
+
+def _background_rgb(image) -> np.ndarray:
+    # objects cover well under half the image, so the per-channel median is the background
+    return np.median(np.asarray(image.convert("RGB"), float).reshape(-1, 3), axis=0)
+
+
+def object_mask(image, threshold: float = 60.0) -> np.ndarray:
+    """Pixels that differ clearly from the background colour."""
+    pixels = np.asarray(image.convert("RGB"), float)
+    return np.linalg.norm(pixels - _background_rgb(image), axis=2) > threshold
+
+
+def background_colour(image) -> str:
+    return nearest_colour(_background_rgb(image))
+
+
+def object_colour(image) -> str | None:
+    """Palette name of the object's median colour; None when no object is visible."""
+    mask = object_mask(image)
+    if mask.sum() < 4:
+        return None
+    return nearest_colour(np.median(np.asarray(image.convert("RGB"), float)[mask], axis=0))
+
+
+def object_position(image) -> str | None:
+    """Named 3x3 grid position of the object's centre of mass; None when no object is visible.
+
+    Objects are placed so that the centre of mass is at 1/2 +- (0.5 - margin) of the side, the
+    margin being at most 0.33; thresholds at 1/2 +- 0.1 leave room on both sides.
+    """
+    mask = object_mask(image)
+    if mask.sum() < 4:
+        return None
+    ys, xs = np.nonzero(mask)
+    side = mask.shape[0]
+
+    def third(coordinate: float) -> int:
+        return 0 if coordinate < 0.4 * side else 2 if coordinate > 0.6 * side else 1
+
+    cell = (third(xs.mean() + 0.5), third(ys.mean() + 0.5))
+    return next(name for name, grid in world.POSITIONS.items() if grid == cell)
+
+
+def prompt_following(images, captions: list[str]) -> dict[str, float]:
+    """Fraction of images whose background colour and object position match their caption."""
+    wanted = [world.parse_caption(c) for c in captions]
+    return {
+        "background": float(np.mean([background_colour(im) == w["background"] for im, w in zip(images, wanted)])),
+        "position": float(np.mean([object_position(im) == w["position"] for im, w in zip(images, wanted)])),
+    }
+
+
+# --------------------------------------------------------------------------- concepts and base quality
+
+def generation_metrics(pipe, concept: world.ConceptFolder, classifier: IdentityClassifier | None = None,
+                       n: int = 20, seed: int = 0, **generate_kwargs) -> dict[str, float]:
+    """Generate the concept in its held-out contexts; identity, background and position accuracy."""
+    classifier = classifier or load_identity_classifier()
+    captions = [s.caption for s in concept.heldout[:n]]
+    images = generate(pipe, captions, seed, **generate_kwargs)
+    identity = float(np.mean([label == concept.name for label in classifier.predict(images)]))
+    return {"identity": identity, **prompt_following(images, captions)}
+
+
+def identity_accuracy(pipe, concept: world.ConceptFolder, **kwargs) -> float:
+    """Fraction of generated held-out prompts that the classifier recognises as the concept."""
+    return generation_metrics(pipe, concept, **kwargs)["identity"]
+
+
+def base_quality(pipe, n: int = 200, seed: int = 0, classifier: IdentityClassifier | None = None,
+                 **generate_kwargs) -> dict[str, float]:
+    """Accuracy on prompts whose (shape, colour, background, position) pretraining never saw.
+
+    `all` counts images where shape, object colour and background colour are all right.
+    """
+    classifier = classifier or load_identity_classifier()
+    scenes = world.heldout_scenes(n, seed)
+    images = generate(pipe, [s.caption() for s in scenes], seed, **generate_kwargs)
+    shape = np.array([label == s.shape for label, s in zip(classifier.predict(images), scenes)])
+    colour = np.array([object_colour(im) == s.colour for im, s in zip(images, scenes)])
+    background = np.array([background_colour(im) == s.background for im, s in zip(images, scenes)])
+    position = np.array([object_position(im) == s.position for im, s in zip(images, scenes)])
+    return {"shape": shape.mean(), "colour": colour.mean(), "background": background.mean(),
+            "position": position.mean(), "all": (shape & colour & background).mean()}
+
+
+# --------------------------------------------------------------------------- continual learning
+
+def continual_metrics(R) -> dict[str, float]:
+    """Summary of R[i, j] = score on concept j after learning concepts 0..i (T x T).
+
+    With a_j = R[T-1, j] the final scores (Lopez-Paz & Ranzato 2017; Chaudhry et al. 2018):
+    - average_score      mean_j a_j
+    - plasticity         mean_j R[j, j]: how well each concept is learned when it is new
+    - backward_transfer  mean_{j<T-1} (a_j - R[j, j]); negative means forgetting
+    - forgetting         mean_{j<T-1} (max_{j<=l<T-1} R[l, j] - a_j); >= 0
+    - forward_transfer   mean_{j>0} R[j-1, j], the score on a concept before learning it (the
+                         base model scores 0 by construction of the normalised score)
+    Entries above the diagonal are used only by forward_transfer.
+    """
+    R = np.asarray(R, dtype=float)
+    T = len(R)
+    if R.shape != (T, T) or T == 0:
+        raise ValueError(f"R must be a non-empty square matrix, got shape {R.shape}")
+    final, learned = R[-1], np.diag(R)
+    old = range(T - 1)
+    return {
+        "average_score": float(final.mean()),
+        "plasticity": float(learned.mean()),
+        "backward_transfer": float(np.mean([final[j] - learned[j] for j in old])) if T > 1 else 0.0,
+        "forgetting": float(np.mean([R[j:T - 1, j].max() - final[j] for j in old])) if T > 1 else 0.0,
+        "forward_transfer": float(np.mean([R[j - 1, j] for j in range(1, T)])) if T > 1 else 0.0,
+    }
+
+
+# --------------------------------------------------------------------------- damage to the base model
+
+def no_concept_prompts(n: int = 8, seed: int = 0) -> list[str]:
+    """Base-world captions (no trigger word) for measuring drift."""
+    rng = np.random.default_rng([seed, 7])
+    return [world.random_scene(rng).caption() for _ in range(n)]
+
+
+def drift(pipe, prompts: list[str], reference_images, seed: int = 0, **generate_kwargs) -> float:
+    """Mean absolute pixel difference (0..1) from the base model's images, same prompts and seeds.
+
+    Why: an adapter should leave prompts that do not mention its concept alone; the base model
+    itself scores 0. Generate `reference_images` with `generate(base_pipe, prompts, seed)`.
+    """
+    images = generate(pipe, prompts, seed, **generate_kwargs)
+    return float(np.mean([np.abs(to_batch([a]) - to_batch([b])).mean().item() / 2
+                          for a, b in zip(images, reference_images)]))

@@ -1,0 +1,141 @@
+"""The metrics: normalised scores on the real base, forgetting and drift on damaged models,
+continual-learning arithmetic, analytic checks and the classifier on ground-truth renders."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from share_diffusers import evaluation, world
+
+FAST = dict(steps=10)  # enough steps for recognisable images, short enough for the test budget
+
+
+def load_base() -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline.from_pretrained(world.TINY_BASE, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def with_lora(concept) -> StableDiffusionPipeline:
+    pipe = load_base()
+    pipe.load_lora_weights(concept.reference_lora)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_base()
+
+
+@pytest.fixture(scope="module")
+def concepts():
+    return world.list_concepts(world.CONCEPTS)[:2]
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return evaluation.load_identity_classifier()
+
+
+def test_base_scores_zero_and_reference_lora_scores_one(base, concepts):
+    concept = concepts[0]
+    assert evaluation.concept_score(base, concept) == pytest.approx(0, abs=1e-3)
+    assert evaluation.concept_score(with_lora(concept), concept) == pytest.approx(1, abs=1e-3)
+
+
+def test_heldout_loss_is_fixed_by_its_seed(base, concepts):
+    images, captions = [s.image for s in concepts[0].heldout[:4]], [s.caption for s in concepts[0].heldout[:4]]
+    first = evaluation.heldout_loss(base, images, captions, seed=0)
+    assert evaluation.heldout_loss(base, images, captions, seed=0) == first
+    assert evaluation.heldout_loss(base, images, captions, seed=1) != first
+
+
+def test_replacing_an_adapter_shows_forgetting(concepts):
+    """Naive continual learning: concept 1's LoRA replaces concept 0's, so concept 0 is forgotten."""
+    R = np.array([[evaluation.concept_score(with_lora(learned), c) for c in concepts] for learned in concepts])
+    metrics = evaluation.continual_metrics(R)
+    assert R[0, 0] == pytest.approx(1, abs=1e-3) and R[1, 1] == pytest.approx(1, abs=1e-3)
+    assert metrics["forgetting"] > 0.5 and metrics["backward_transfer"] < -0.5
+
+
+def test_continual_metrics_on_a_hand_made_matrix():
+    R = [[0.9, 0.1, 0.0],
+         [0.95, 0.8, 0.2],
+         [0.6, 0.5, 1.0]]
+    assert evaluation.continual_metrics(R) == pytest.approx({
+        "average_score": 0.7,
+        "plasticity": 0.9,
+        "backward_transfer": ((0.6 - 0.9) + (0.5 - 0.8)) / 2,
+        "forgetting": ((0.95 - 0.6) + (0.8 - 0.5)) / 2,  # from the best score so far, not the first
+        "forward_transfer": (0.1 + 0.2) / 2,
+    })
+    assert evaluation.continual_metrics([[0.8]])["forgetting"] == 0
+    with pytest.raises(ValueError):
+        evaluation.continual_metrics([[1.0, 0.0]])
+
+
+def test_normalized_score():
+    assert evaluation.normalized_score(2.0, base_loss=2.0, ref_loss=1.0) == 0
+    assert evaluation.normalized_score(1.0, base_loss=2.0, ref_loss=1.0) == 1
+    assert evaluation.normalized_score(1.5, base_loss=2.0, ref_loss=1.0) == 0.5
+
+
+def test_generation_does_not_depend_on_batching(base):
+    prompts = evaluation.no_concept_prompts(3)
+    one = evaluation.generate(base, prompts, seed=4, batch_size=1, steps=3)
+    three = evaluation.generate(base, prompts, seed=4, batch_size=3, steps=3)
+    assert max(np.abs(np.subtract(a, b, dtype=float)).max() for a, b in zip(one, three)) <= 2
+
+
+def test_drift_is_zero_for_the_base_and_large_for_a_damaged_model(base, concepts, classifier):
+    prompts = evaluation.no_concept_prompts(4)
+    reference = evaluation.generate(base, prompts, **FAST)
+    assert evaluation.drift(base, prompts, reference, **FAST) == 0
+    lora_drift = evaluation.drift(with_lora(concepts[0]), prompts, reference, **FAST)
+
+    damaged = load_base()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in damaged.unet.named_parameters():
+            if "attentions" in name and p.ndim == 2:
+                p.add_(torch.randn(p.shape, generator=generator) * p.std())
+    damaged_drift = evaluation.drift(damaged, prompts, reference, **FAST)
+    assert 0 < lora_drift < damaged_drift and damaged_drift > 0.05
+
+    quality = lambda pipe: evaluation.base_quality(pipe, n=8, classifier=classifier, **FAST)["all"]
+    assert quality(damaged) < quality(base) - 0.3
+
+
+def test_untrained_base_cannot_draw_a_concept_but_its_lora_can(base, concepts, classifier):
+    concept = concepts[0]
+    assert evaluation.identity_accuracy(base, concept, classifier=classifier, n=8, **FAST) <= 0.25
+    assert evaluation.identity_accuracy(with_lora(concept), concept, classifier=classifier, n=8, **FAST) >= 0.5
+
+
+def test_analytic_checks_read_ground_truth_renders():
+    rng = np.random.default_rng(0)
+    for scene in [world.random_scene(rng) for _ in range(60)]:
+        image = scene.render(rng)
+        assert evaluation.background_colour(image) == scene.background
+        assert evaluation.object_colour(image) == scene.colour
+        assert evaluation.object_position(image) == scene.position
+    for concept in world.list_concepts(world.CONCEPTS):
+        for sample in concept.heldout[:5]:
+            wanted = world.parse_caption(sample.caption)
+            assert evaluation.prompt_following([sample.image], [sample.caption]) == {"background": 1, "position": 1}, wanted
+
+
+def test_classifier_names_fresh_renders(classifier):
+    rng = np.random.default_rng(123)
+    scenes = [world.random_scene(rng) for _ in range(40)]
+    folders = world.list_concepts(world.CONCEPTS)
+    renders = [s.render(rng) for s in scenes]
+    truth = [s.shape for s in scenes]
+    for folder in folders:
+        concept = folder.generator()
+        for background, position in concept.contexts(3, rng):
+            renders.append(concept.render(background, position, rng))
+            truth.append(folder.name)
+    accuracy = np.mean([p == t for p, t in zip(classifier.predict(renders), truth)])
+    assert accuracy >= 0.95

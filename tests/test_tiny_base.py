@@ -1,0 +1,62 @@
+"""The shipped tiny base: loads offline with stock Diffusers, any scheduler, right shapes, small."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline, UniPCMultistepScheduler)
+from diffusers.models.attention_processor import Attention
+
+from share_diffusers import world
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = StableDiffusionPipeline.from_pretrained(world.TINY_BASE, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_every_caption_word_and_trigger_is_one_token(pipe):
+    tokenizer = pipe.tokenizer
+    assert tokenizer.model_max_length == 77
+    for word in world.CAPTION_WORDS + list(world.TRIGGER_WORDS):
+        assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
+    caption = world.make_concept(0).caption("green", "top left")
+    # a photo of <trigger> on a green background , top left: 11 tokens + start + end
+    assert len(tokenizer(caption).input_ids) == 13
+    assert len(tokenizer("zzzzqqq", add_special_tokens=False).input_ids) > 1  # unknown words split
+
+
+def test_tokenizer_sources_are_hand_written_bpe_files():
+    folder = world.TINY_BASE / "tokenizer"
+    assert (folder / "merges.txt").read_text().splitlines()[0] == "#version: 0.2"
+    vocab = json.loads((folder / "vocab.json").read_text())
+    assert {t + "</w>" for t in world.TRIGGER_WORDS} <= set(vocab)
+
+
+@pytest.mark.parametrize("scheduler_class", [DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
+                                             DPMSolverMultistepScheduler, PNDMScheduler, UniPCMultistepScheduler])
+def test_generates_with_any_scheduler(pipe, scheduler_class):
+    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    images = pipe(["a large red circle on a blue background, center"] * 2, num_inference_steps=4, guidance_scale=5.0,
+                  generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (2, world.RESOLUTION, world.RESOLUTION, 3)
+    assert np.isfinite(images).all() and images.std() > 0.05
+
+
+def test_attention_is_standard_and_wide(pipe):
+    attentions = {name: m for name, m in pipe.unet.named_modules() if isinstance(m, Attention)}
+    assert len(attentions) >= 6
+    for module in attentions.values():
+        for linear in (module.to_q, module.to_k, module.to_v, module.to_out[0]):
+            assert min(linear.in_features, linear.out_features) >= 128
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size >= 128
+
+
+def test_fp32_and_within_size_budget(pipe):
+    assert all(p.dtype == torch.float32 for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters())
+    total = sum(f.stat().st_size for f in world.ASSETS.rglob("*.safetensors"))  # every shipped weight
+    assert total <= 20_000_000, f"assets/ holds {total / 1e6:.1f} MB of weights"

@@ -1,0 +1,79 @@
+"""The procedural world: deterministic, its splits disjoint, its captions parseable."""
+
+import numpy as np
+import pytest
+
+from share_diffusers import world
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_same_seed_same_pixels_different_seed_different_pixels():
+    a, b = world.make_concept(3), world.make_concept(3)
+    assert a.description == b.description
+    for x, y in zip(*(world.concept_splits(c, 2, 2)[1] for c in (a, b))):
+        assert np.array_equal(pixels(x.image), pixels(y.image)) and x.caption == y.caption
+    other = world.concept_splits(world.make_concept(3, world_seed=1), 1, 1)[0][0]
+    assert not np.array_equal(pixels(other.image), pixels(world.concept_splits(a, 1, 1)[0][0].image))
+
+    scenes = [world.random_scene(np.random.default_rng(5)) for _ in range(2)]
+    renders = [s.render(np.random.default_rng(9)) for s in scenes]
+    assert scenes[0] == scenes[1] and np.array_equal(pixels(renders[0]), pixels(renders[1]))
+
+
+def test_shipped_concepts_are_what_the_generator_makes():
+    shipped = world.list_concepts(world.CONCEPTS)
+    assert len(shipped) >= 10
+    for folder in shipped:
+        concept = folder.generator()
+        assert folder.metadata | concept.metadata() == folder.metadata  # json agrees with the generator
+        train, heldout = world.concept_splits(concept, len(folder.train), len(folder.heldout))
+        for stored, fresh in zip(folder.train + folder.heldout, train + heldout):
+            assert stored.caption == fresh.caption
+            assert np.array_equal(pixels(stored.image), pixels(fresh.image)), folder.name
+
+
+def test_concept_folders_have_captioned_train_and_heldout_images():
+    for folder in world.list_concepts(world.CONCEPTS):
+        assert 3 <= len(folder.train) <= 10 and len(folder.heldout) >= 15
+        for sample in folder.train + folder.heldout:
+            assert sample.image.size == (world.RESOLUTION, world.RESOLUTION)
+            assert sample.caption.startswith(folder.metadata["instance_prompt"] + " on a ")
+        contexts = lambda samples: {(p["background"], p["position"])
+                                    for p in (world.parse_caption(s.caption) for s in samples)}
+        assert not contexts(folder.train) & contexts(folder.heldout), "held-out contexts must be new"
+
+
+def test_heldout_combos_never_appear_in_pretraining():
+    rng = np.random.default_rng(0)
+    assert len(world.HELDOUT_COMBOS) == 200
+    assert not {world.random_scene(rng).combo for _ in range(5000)} & world.HELDOUT_COMBOS
+    assert {s.combo for s in world.heldout_scenes(200)} == world.HELDOUT_COMBOS
+
+
+def test_trigger_words_are_fresh_letter_only_words():
+    triggers = world.TRIGGER_WORDS
+    assert len(triggers) == 64 == len(set(triggers))
+    assert all(t.isalpha() and t.islower() for t in triggers)
+    assert not set(triggers) & set(world.CAPTION_WORDS)
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        caption = world.pretraining_caption(world.random_scene(rng), rng)
+        assert set(caption.replace(",", " ").split()) <= set(world.CAPTION_WORDS), caption
+
+
+@pytest.mark.parametrize("index", [0, 5])
+def test_parse_caption_recovers_what_was_asked(index):
+    scene = world.Scene("triangle", "red", "blue", "bottom left", "small")
+    assert world.parse_caption(scene.caption()) == {"shape": "triangle", "colour": "red", "size": "small",
+                                                    "background": "blue", "position": "bottom left"}
+    concept = world.make_concept(index)
+    assert world.parse_caption(concept.caption("green", "top")) == {
+        "trigger": concept.trigger, "background": "green", "position": "top"}
+
+
+def test_too_many_concepts_is_refused():
+    with pytest.raises(ValueError, match="at most 64"):
+        world.make_concept(64)

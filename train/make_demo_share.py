@@ -1,0 +1,45 @@
+#!/usr/bin/env python
+"""Make ``assets/demo.share.safetensors``, the Share file the web UI starts with.
+
+Learns the first ``--concepts`` concepts of the procedural world one after another with
+``train/learn_concept.py`` (default settings) into a work folder, then copies the final file into
+``assets/``. Deterministic given the same base model, seed and software versions.
+
+    python train/make_demo_share.py            # 4 concepts, a few minutes per concept on a 2-core CPU
+"""
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from share_diffusers import read_share, world  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", default=str(world.TINY_BASE))
+    p.add_argument("--concepts", type=int, default=4)
+    p.add_argument("--work_dir", default=str(ROOT / "outputs" / "demo-share"))
+    p.add_argument("--out", default=str(world.ASSETS / "demo.share.safetensors"))
+    args, learn_args = p.parse_known_args(argv)
+
+    work = Path(args.work_dir)
+    shutil.rmtree(work, ignore_errors=True)
+    share = work / "share.safetensors"
+    for concept in world.list_concepts(world.CONCEPTS)[: args.concepts]:
+        print(f"== learning {concept.name} ({concept.trigger})", flush=True)
+        subprocess.run([sys.executable, str(ROOT / "train" / "learn_concept.py"), "--pretrained_model_name_or_path", args.base,
+                        "--instance_data_dir", str(concept.path / "train"), "--share_path", str(share),
+                        "--output_dir", str(work / "runs" / concept.name), "--report_to", "none", *learn_args], check=True)
+    shutil.copyfile(share, args.out)
+    state, _ = read_share(args.out)
+    print(f"Wrote {args.out}: {', '.join(state.names)} ({Path(args.out).stat().st_size / 1024:.0f} KiB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""Pretrain the tiny text-to-image base model that ships in assets/tiny-base.
+
+Why: everything in this project (training script, web UI, benchmarks, tests) must run offline on
+a laptop CPU, so the project trains its own Stable-Diffusion-shaped model on the procedural world
+of share_diffusers.world ("a small red circle on a blue background, top left") and saves it with
+StableDiffusionPipeline.save_pretrained. Stock Diffusers loads it; any Diffusers scheduler drives it.
+
+Stages, each checkpointed under --work-dir so that a crash loses at most a few minutes:
+  1. tokenizer: a real CLIPTokenizer from a hand-written vocab.json + merges.txt (byte-level
+     alphabet + BPE merges learned here) in which every caption word and each of the 64 reserved
+     trigger words (world.TRIGGER_WORDS, never shown in pretraining) is exactly one token;
+  2. VAE (AutoencoderKL, 64x64x3 <-> 16x16x4) on base scenes plus patterned objects from another
+     world seed, so that it can encode concepts the denoiser has never seen;
+  3. UNet + CLIP text encoder, jointly from scratch on VAE latents (epsilon prediction, min-SNR
+     weighting, 10% empty captions for classifier-free guidance, EMA weights are saved).
+
+Measured on the project's 2-core CPU (no GPU), default arguments, `nice -n 10`:
+    total 1 h 4 min (data 3 min, VAE 14 min, denoiser 47 min); see docs/tiny-base.md.
+Re-running with the same --seed reproduces a model of the same quality (bitwise identity is not
+promised: multi-threaded CPU reductions are not ordered).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, compute_snr
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from share_diffusers import world
+
+NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      steps_offset=1)  # Stable Diffusion's schedule
+
+
+# --------------------------------------------------------------------------- models
+
+def learn_merges(words: list[str]) -> list[tuple[str, str]]:
+    """Byte-pair merges that turn every word into a single token (plain BPE on the word list).
+
+    Encoding applies merges in this order, so each training word ends as one token; the tests
+    check it on the saved tokenizer.
+    """
+    pieces = [list(word[:-1]) + [word[-1] + "</w>"] for word in words]
+    merges = []
+    while any(len(p) > 1 for p in pieces):
+        counts = collections.Counter(pair for p in pieces for pair in zip(p, p[1:]))
+        best = min(counts, key=lambda pair: (-counts[pair], pair))  # most frequent, ties by name
+        merges.append(best)
+        for p in pieces:
+            i = 0
+            while i < len(p) - 1:
+                if (p[i], p[i + 1]) == best:
+                    p[i:i + 2] = [p[i] + p[i + 1]]
+                i += 1
+    return merges
+
+
+def build_tokenizer(directory: Path) -> CLIPTokenizer:
+    """Write vocab.json + merges.txt + tokenizer_config.json and load them as a CLIPTokenizer."""
+    merges = learn_merges(world.CAPTION_WORDS + list(world.TRIGGER_WORDS))
+    alphabet = sorted(ByteLevel.alphabet())  # every byte is a symbol: no text is ever unknown
+    tokens = alphabet + [s + "</w>" for s in alphabet] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))
+    return CLIPTokenizer.from_pretrained(directory)
+
+
+def build_models(tokenizer: CLIPTokenizer) -> tuple[CLIPTextModel, AutoencoderKL, UNet2DConditionModel]:
+    """The architecture (seeded by the caller): ~4.4M parameters, 17.5 MB in fp32."""
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=world.RESOLUTION,
+        block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        mid_block_add_attention=False)
+    unet = UNet2DConditionModel(  # 16x16 -> 8x8 (cross-attention, 128 wide) -> 4x4
+        sample_size=world.RESOLUTION // 4, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 128, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), mid_block_type=None,
+        cross_attention_dim=128, attention_head_dim=4)  # diffusers' legacy name: 4 heads of 32
+    return text_encoder, vae, unet
+
+
+# --------------------------------------------------------------------------- data
+
+def to_uint8(images) -> torch.Tensor:
+    """PIL images -> uint8 NCHW (4x smaller than float while the data set is kept in memory)."""
+    return torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im in images])).permute(0, 3, 1, 2)
+
+
+def to_float(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 NCHW -> float in [-1, 1], the VAE's input range."""
+    return batch.float() / 127.5 - 1
+
+
+def render_base(n: int, seed: int) -> tuple[torch.Tensor, list[world.Scene]]:
+    rng = np.random.default_rng(seed)
+    scenes = [world.random_scene(rng) for _ in range(n)]
+    return to_uint8([s.render(rng) for s in scenes]), scenes
+
+
+def render_vae_extras(n: int, seed: int) -> torch.Tensor:
+    """Patterned objects from a world seed the shipped concepts do not use."""
+    rng = np.random.default_rng(seed)
+    concepts = world.make_concepts(len(world.TRIGGER_WORDS), world_seed=seed)
+    images = []
+    for i in range(n):
+        concept = concepts[i % len(concepts)]
+        background, position = concept.contexts(1, rng)[0]
+        images.append(concept.render(background, position, rng))
+    return to_uint8(images)
+
+
+# --------------------------------------------------------------------------- training
+
+def save_atomic(state: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def train_autoencoder(vae, images, steps, batch_size, lr, seed, checkpoint: Path, decoder_only=False,
+                      log_every=100) -> None:
+    """L1 + MSE reconstruction with a tiny KL term (Stable Diffusion's VAE recipe minus GAN and LPIPS).
+
+    decoder_only keeps the encoder, hence every latent, fixed: the decoder can then be refined on
+    harder images without touching what the denoiser learns from (like SD's ft-MSE decoder).
+    """
+    modules = [vae.decoder, vae.post_quant_conv] if decoder_only else [vae]
+    params = [p for m in modules for p in m.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = get_scheduler("cosine", optimizer, num_warmup_steps=100, num_training_steps=steps)
+    step = 0
+    if checkpoint.exists():
+        state = torch.load(checkpoint)
+        vae.load_state_dict(state["model"]), optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        step = state["step"]
+        print(f"{checkpoint.stem}: resumed at step {step}")
+    vae.train()
+    start = time.time()
+    while step < steps:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        x = to_float(images[torch.randint(len(images), (batch_size,), generator=generator)])
+        with torch.set_grad_enabled(not decoder_only):
+            posterior = vae.encode(x).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator)).sample
+        loss = F.l1_loss(reconstruction, x) + F.mse_loss(reconstruction, x)
+        if not decoder_only:
+            loss = loss + 1e-6 * posterior.kl().mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step(), schedule.step(), optimizer.zero_grad()
+        step += 1
+        if step % log_every == 0 or step == steps:
+            print(f"{checkpoint.stem} step {step}/{steps} loss {loss.item():.4f} ({time.time() - start:.0f} s)", flush=True)
+            save_atomic({"model": vae.state_dict(), "optimizer": optimizer.state_dict(),
+                         "schedule": schedule.state_dict(), "step": step}, checkpoint)
+    vae.eval()
+
+
+@torch.no_grad()
+def encode(vae, images, batch_size=500) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every image (latents are sampled from them during training)."""
+    parts = [vae.encode(to_float(images[i:i + batch_size])).latent_dist for i in range(0, len(images), batch_size)]
+    return torch.cat([p.mean for p in parts]), torch.cat([p.std for p in parts])
+
+
+def train_denoiser(unet, text_encoder, tokenizer, means, stds, scaling_factor, scenes, steps, batch_size, lr,
+                   seed, checkpoint: Path, log_every=100) -> None:
+    """Joint UNet + text-encoder training; EMA weights are copied into the models at the end."""
+    noise_scheduler = DDPMScheduler(**NOISE_SCHEDULE)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)  # no decay: unseen trigger embeddings stay as initialised
+    schedule = get_scheduler("cosine", optimizer, num_warmup_steps=200, num_training_steps=steps)
+    ema = EMAModel(params, decay=0.999, use_ema_warmup=True, power=3 / 4)
+    step = 0
+    if checkpoint.exists():
+        state = torch.load(checkpoint)
+        unet.load_state_dict(state["unet"]), text_encoder.load_state_dict(state["text_encoder"])
+        optimizer.load_state_dict(state["optimizer"]), schedule.load_state_dict(state["schedule"])
+        ema.load_state_dict(state["ema"])
+        step = state["step"]
+        print(f"denoiser: resumed at step {step}")
+    unet.train(), text_encoder.train()
+    start, running = time.time(), 0.0
+    while step < steps:
+        rng = np.random.default_rng([seed, step])
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        index = torch.from_numpy(rng.integers(len(scenes), size=batch_size))
+        captions = ["" if rng.random() < 0.1 else world.pretraining_caption(scenes[i], rng) for i in index]
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        latents = (means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)) * scaling_factor
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+        prediction = unet(noise_scheduler.add_noise(latents, noise, timesteps), timesteps, text_encoder(ids)[0]).sample
+        snr = compute_snr(noise_scheduler, timesteps)
+        weights = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 weighting for epsilon prediction
+        loss = (F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step(), schedule.step(), optimizer.zero_grad()
+        ema.step(params)
+        step += 1
+        running += loss.item()
+        if step % log_every == 0 or step == steps:
+            print(f"denoiser step {step}/{steps} loss {running / log_every:.4f} ({time.time() - start:.0f} s)", flush=True)
+            running = 0.0
+            save_atomic({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                         "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                         "ema": ema.state_dict(), "step": step}, checkpoint)
+    ema.copy_to(params)
+    unet.eval(), text_encoder.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--output", type=Path, default=Path("assets/tiny-base"))
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/tiny-base"), help="checkpoints; resumed if present")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--images", type=int, default=30000, help="rendered base scenes")
+    parser.add_argument("--vae-extra-images", type=int, default=6000, help="patterned objects for the VAE only")
+    parser.add_argument("--vae-steps", type=int, default=2000)
+    parser.add_argument("--decoder-steps", type=int, default=1500, help="decoder-only fine-tuning")
+    parser.add_argument("--vae-batch-size", type=int, default=16)
+    parser.add_argument("--denoiser-steps", type=int, default=6000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=7e-4)
+    parser.add_argument("--threads", type=int, help="torch CPU threads; 1 is faster on a CPU shared with other jobs")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    start = time.time()
+    torch.manual_seed(args.seed)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(args.work_dir / "tokenizer")
+    text_encoder, vae, unet = build_models(tokenizer)
+
+    images, scenes = render_base(args.images, args.seed)
+    extras = render_vae_extras(args.vae_extra_images, args.seed + 1)
+    print(f"rendered {len(images) + len(extras)} images ({time.time() - start:.0f} s)", flush=True)
+    stage = time.time()
+    train_autoencoder(vae, torch.cat([images, extras]), args.vae_steps, args.vae_batch_size, 1e-3, args.seed,
+                      args.work_dir / "vae.pt")
+    train_autoencoder(vae, torch.cat([images[:len(extras)], extras]), args.decoder_steps, args.vae_batch_size, 5e-4,
+                      args.seed, args.work_dir / "decoder.pt", decoder_only=True)  # half patterned objects
+    means, stds = encode(vae, images)
+    vae.register_to_config(scaling_factor=1.0 / means.std().item())
+    print(f"autoencoder done, scaling_factor {vae.config.scaling_factor:.4f} ({(time.time() - stage) / 60:.1f} min)", flush=True)
+    stage = time.time()
+    train_denoiser(unet, text_encoder, tokenizer, means, stds, vae.config.scaling_factor, scenes, args.denoiser_steps, args.batch_size,
+                   args.lr, args.seed, args.work_dir / "denoiser.pt")
+    print(f"denoiser done ({(time.time() - stage) / 60:.1f} min)", flush=True)
+
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=DPMSolverMultistepScheduler(**NOISE_SCHEDULE),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(args.output)
+    for name in ("vocab.json", "merges.txt"):  # keep the hand-written sources beside tokenizer.json
+        (args.output / "tokenizer" / name).write_bytes((args.work_dir / "tokenizer" / name).read_bytes())
+    print(f"saved {args.output}; total training time {(time.time() - start) / 60:.1f} min on "
+          f"{torch.get_num_threads()} CPU threads", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Train the reference LoRA of every concept and store the numbers that normalise its score.
+
+Why: the held-out score of a concept is (L_base - L) / (L_base - L_ref), where L_ref is the
+held-out loss of an independently trained per-concept PEFT LoRA (rank 4, lora_alpha 4, on
+to_q/to_k/to_v/to_out.0 of the UNet, DreamBooth-style without prior preservation, trained by
+share_diffusers.training.train_lora_baseline: learn_concept.py's data, loss, steps and batch). This script
+trains it, measures L_base and L_ref (share_diffusers.evaluation.heldout_loss) and how well each
+model generates the concept, and writes them into the concept's concept.json under "evaluation",
+so that tests and benchmarks never retrain it. Each LoRA is saved with save_lora_weights into
+<concept>/reference_lora/ (load it with pipe.load_lora_weights), in fp16 to fit the assets budget;
+L_ref is measured on the reloaded file, so it is exactly what the shipped file gives.
+
+    python train/train_reference_loras.py               # all shipped concepts
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from diffusers import StableDiffusionPipeline
+
+from share_diffusers import world
+from share_diffusers.evaluation import LOSS_TIMESTEPS, generation_metrics, heldout_loss, load_identity_classifier
+from share_diffusers.training import LORA_TARGETS, read_instance_images, train_lora_baseline
+
+REFERENCE = dict(steps=400, rank=4, lr=3e-3, batch_size=4, seed=0)  # learn_concept.py's steps and batch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--base", type=Path, default=world.TINY_BASE)
+    parser.add_argument("--concepts", type=Path, default=world.CONCEPTS)
+    parser.add_argument("--steps", type=int, default=REFERENCE["steps"])
+    parser.add_argument("--lr", type=float, default=REFERENCE["lr"])
+    parser.add_argument("--seed", type=int, default=REFERENCE["seed"])
+    parser.add_argument("--only", nargs="*", help="concept names (default: all)")
+    parser.add_argument("--skip-generation", action="store_true", help="store losses only (faster)")
+    args = parser.parse_args()
+
+    classifier = None if args.skip_generation else load_identity_classifier()
+
+    def load_base():
+        pipe = StableDiffusionPipeline.from_pretrained(args.base, local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    for concept in world.list_concepts(args.concepts):
+        if args.only and concept.name not in args.only:
+            continue
+        start = time.time()
+        pipe = load_base()
+        heldout = ([s.image for s in concept.heldout], [s.caption for s in concept.heldout])
+        evaluation = {"loss_seed": 0, "loss_timesteps": list(LOSS_TIMESTEPS), "base_loss": heldout_loss(pipe, *heldout)}
+        if classifier:
+            evaluation["base_generation"] = generation_metrics(pipe, concept, classifier)
+        lora = train_lora_baseline(pipe, "reference", read_instance_images(concept.path / "train", None), args.steps,
+                                   args.lr, REFERENCE["batch_size"], REFERENCE["rank"], args.seed)
+        StableDiffusionPipeline.save_lora_weights(concept.reference_lora, unet_lora_layers={k: v.half() for k, v in lora.items()})
+        pipe = load_base()
+        pipe.load_lora_weights(concept.reference_lora)
+        evaluation["reference_loss"] = heldout_loss(pipe, *heldout)
+        if classifier:
+            evaluation["reference_generation"] = generation_metrics(pipe, concept, classifier)
+        evaluation["reference_lora"] = {"rank": REFERENCE["rank"], "lora_alpha": REFERENCE["rank"], "steps": args.steps,
+                                        "lr": args.lr, "batch_size": REFERENCE["batch_size"], "seed": args.seed,
+                                        "target_modules": LORA_TARGETS}
+        concept.metadata["evaluation"] = evaluation
+        concept.save_metadata()
+        print(f"{concept.name}: {json.dumps(evaluation)} ({time.time() - start:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
