@@ -18,6 +18,10 @@ table and a PNG plot in ``--out``.
 
     python benchmarks/continual.py                 # 10 concepts, full run (CPU: about an hour)
     python benchmarks/continual.py --quick         # 3 concepts, few steps: a smoke test
+    # the same full run as two processes (one per CPU core), then one table and plot:
+    python benchmarks/continual.py --methods share lora --out runs/cA & \
+    python benchmarks/continual.py --methods naive joint --out runs/cB; wait
+    python benchmarks/continual.py --combine runs/cA runs/cB
 """
 
 from __future__ import annotations
@@ -47,18 +51,29 @@ METHODS = ("share", "lora", "naive", "joint")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--base", default=str(world.TINY_BASE))
-    p.add_argument("--concepts", type=int, default=10)
+    p.add_argument("--concepts", type=int, default=10, help="how many, in the order of --concepts_dir")
+    p.add_argument("--concepts_dir", default=str(world.CONCEPTS), help="concept folders with reference numbers")
     p.add_argument("--steps", type=int, default=400, help="training steps per concept, every method")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--lora_rank", type=int, default=4)
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2], help="learning rates tried on the first concept, per method")
+    p.add_argument("--lr", nargs="+", default=[], metavar="FAMILY=LR",
+                   help="skip tuning: e.g. share=3e-3 lora=1e-2 (lora also sets naive and joint)")
     p.add_argument("--images", type=int, default=10, help="generated images per concept for identity accuracy")
     p.add_argument("--share_args", default="", help="extra flags for learn_concept.py (e.g. '--coef_rank 2')")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "continual"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--combine", nargs="+", metavar="DIR",
+                   help="no training: merge the continual.json of runs of different methods (e.g. run in parallel) into --out")
     p.add_argument("--quick", action="store_true", help="3 concepts, 20 steps, one learning rate, 2 images")
     args = p.parse_args(argv)
+    try:
+        args.lr = {family: float(lr) for family, lr in (item.split("=") for item in args.lr)}
+    except ValueError:
+        p.error(f"--lr takes FAMILY=LR pairs such as share=3e-3, got {args.lr}")
+    if set(args.lr) - {"share", "lora"}:
+        p.error(f"--lr families are share and lora, got {sorted(args.lr)}")
     if args.quick:
         args.concepts, args.steps, args.lrs, args.images = 3, 20, args.lrs[:1], 2
     return args
@@ -183,10 +198,14 @@ RUNNERS = {"share": run_share, "lora": run_lora, "naive": run_naive, "joint": ru
 LR_FROM = {"share": "share", "lora": "lora", "naive": "lora", "joint": "lora"}
 
 
-def tune(args, concept, out: Path) -> dict[str, float]:
-    """The same learning-rate sweep for Share and for LoRA, on the first concept only."""
-    best = {}
-    for method in ("share", "lora"):
+def tune(args, concept, out: Path) -> tuple[dict[str, float], dict[str, dict[float, float]]]:
+    """The same learning-rate sweep for Share and for LoRA, on the first concept only: the best
+    learning rate per family, and every score of the sweep."""
+    best, sweeps = {}, {}
+    for method in sorted({LR_FROM[m] for m in args.methods}):
+        if method in args.lr:
+            best[method] = args.lr[method]
+            continue
         if len(args.lrs) == 1:
             best[method] = args.lrs[0]
             continue
@@ -197,9 +216,9 @@ def tune(args, concept, out: Path) -> dict[str, float]:
                 run["pipe"].load_share(out / f"tune-{method}-{lr:g}" / "share.safetensors")
             run["select"](0)
             scores[lr] = score(run["pipe"], concept)
-        best[method] = max(scores, key=scores.get)
+        best[method], sweeps[method] = max(scores, key=scores.get), scores
         print(f"tuning {method}: " + ", ".join(f"lr {lr:g} → {s:.3f}" for lr, s in scores.items()) + f"; using {best[method]:g}")
-    return best
+    return best, sweeps
 
 
 def final_metrics(run, concepts, classifier, prompts, references, args) -> dict:
@@ -216,9 +235,11 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    concepts = world.list_concepts(world.CONCEPTS)[: args.concepts]
+    if args.combine:
+        return write_results(combine([json.loads((Path(d) / "continual.json").read_text()) for d in args.combine]), out)
+    concepts = world.list_concepts(args.concepts_dir)[: args.concepts]
     torch.manual_seed(args.seed)
-    lrs = tune(args, concepts[0], out)
+    lrs, sweeps = tune(args, concepts[0], out)
     classifier = evaluation.load_identity_classifier()
     prompts = evaluation.no_concept_prompts(8, args.seed)
     references = evaluation.generate(load_base(args.base), prompts, args.seed)
@@ -232,12 +253,30 @@ def main(argv=None) -> dict:
                            "identity_mean": float(np.mean(extra["identity"])),
                            **{k: v for k, v in run.items() if k not in ("R", "pipe", "select")}}
     summary = {"concepts": [c.name for c in concepts], "steps": args.steps, "batch_size": args.batch_size,
-               "lora_rank": args.lora_rank, "share_args": args.share_args, "methods": results,
+               "lora_rank": args.lora_rank, "share_args": args.share_args, "lr_sweeps": sweeps, "methods": results,
                "hardware": hardware(), "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))}
+    return write_results(summary, out)
+
+
+def write_results(summary: dict, out: Path) -> dict:
     (out / "continual.json").write_text(json.dumps(summary, indent=2, default=float))
     (out / "continual.md").write_text(table(summary))
     plot(summary, out / "continual.png")
     print(table(summary))
+    return summary
+
+
+def combine(parts: list[dict]) -> dict:
+    """One summary from runs of different methods with the same settings (refused otherwise)."""
+    same = ("concepts", "steps", "batch_size", "lora_rank", "share_args")
+    for part in parts[1:]:
+        differ = [k for k in same if part[k] != parts[0][k]]
+        if differ:
+            raise SystemExit(f"--combine: the runs differ in {', '.join(differ)}; only runs of one setting combine.")
+    summary = dict(parts[0], methods={}, lr_sweeps={}, command=[p["command"] for p in parts])
+    for part in parts:
+        summary["methods"].update(part["methods"])
+        summary["lr_sweeps"].update(part["lr_sweeps"])
     return summary
 
 

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Make ``assets/demo.share.safetensors``, the Share file the web UI starts with.
 
-Learns the first ``--concepts`` concepts of the procedural world one after another with
+Learns ``--concepts`` (four differently patterned concepts of the procedural world) one after another with
 ``train/learn_concept.py`` (default settings) into a work folder, then copies the final file into
 ``assets/``. Deterministic given the same base model, seed and software versions.
 
-    python train/make_demo_share.py            # 4 concepts, a few minutes per concept on a 2-core CPU
+    python train/make_demo_share.py            # 4 concepts, about 2 minutes per concept on a 2-core CPU
 """
 
 import argparse
@@ -23,7 +23,7 @@ from share_diffusers import read_share, world  # noqa: E402
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", default=str(world.TINY_BASE))
-    p.add_argument("--concepts", type=int, default=4)
+    p.add_argument("--concepts", nargs="+", default=["striped-blob-00", "dotted-star-05", "checkered-blob-02", "ringed-star-07"])
     p.add_argument("--work_dir", default=str(ROOT / "outputs" / "demo-share"))
     p.add_argument("--out", default=str(world.ASSETS / "demo.share.safetensors"))
     args, learn_args = p.parse_known_args(argv)
@@ -31,7 +31,7 @@ def main(argv=None):
     work = Path(args.work_dir)
     shutil.rmtree(work, ignore_errors=True)
     share = work / "share.safetensors"
-    for concept in world.list_concepts(world.CONCEPTS)[: args.concepts]:
+    for concept in [world.load_concept(world.CONCEPTS / name) for name in args.concepts]:
         print(f"== learning {concept.name} ({concept.trigger})", flush=True)
         subprocess.run([sys.executable, str(ROOT / "train" / "learn_concept.py"), "--pretrained_model_name_or_path", args.base,
                         "--instance_data_dir", str(concept.path / "train"), "--share_path", str(share),
