@@ -14,8 +14,10 @@ Stages, each checkpointed under --work-dir so that a crash loses at most a few m
   3. UNet + CLIP text encoder, jointly from scratch on VAE latents (epsilon prediction, min-SNR
      weighting, 10% empty captions for classifier-free guidance, EMA weights are saved).
 
-Measured on the project's 2-core CPU (no GPU), default arguments, `nice -n 10`:
-    total 1 h 4 min (data 3 min, VAE 14 min, denoiser 47 min); see docs/tiny-base.md.
+Measured for the shipped model on the project's 2-core CPU (no GPU was available to measure),
+default arguments, `--threads 1` beside other jobs: rendering 2 min, VAE + decoder about 35 min
+(resumed across interruptions, so only roughly timed), encoding 4 min, denoiser 44 min
+(5000 steps, 0.53 s/step). Its measured quality is in the README ("The tiny base").
 Re-running with the same --seed reproduces a model of the same quality (bitwise identity is not
 promised: multi-threaded CPU reductions are not ordered).
 """
@@ -241,7 +243,7 @@ def main() -> None:
     parser.add_argument("--vae-steps", type=int, default=2000)
     parser.add_argument("--decoder-steps", type=int, default=1500, help="decoder-only fine-tuning")
     parser.add_argument("--vae-batch-size", type=int, default=16)
-    parser.add_argument("--denoiser-steps", type=int, default=6000)
+    parser.add_argument("--denoiser-steps", type=int, default=5000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=7e-4)
     parser.add_argument("--threads", type=int, help="torch CPU threads; 1 is faster on a CPU shared with other jobs")
