@@ -2,8 +2,8 @@
 headless Chromium (Playwright, sync API) and by gradio_client. Offline; torn down at the end with
 a check that no process (server or learn job) is left behind.
 
-Uses the shipped tiny base and demo Share file when they exist, else a tiny pipeline and a Share
-file of random concepts. The browser test prints the time from pressing Generate to the first
+Uses the shipped tiny base and demo Share file (or $SHARE_APP_TEST_BASE / $SHARE_APP_TEST_SHARE);
+a Share file with fewer than two concepts is replaced by three random ones. The browser test prints the time from pressing Generate to the first
 image and saves the README screenshot, docs/images/ui.png.
 """
 
@@ -74,22 +74,16 @@ def concept_count(path: Path) -> int:
 
 class Server:
     """The app on a copy of the Share file. Base and file: $SHARE_APP_TEST_BASE / $SHARE_APP_TEST_SHARE if set,
-    else the shipped tiny base and demo file, else a tiny test pipeline with three random concepts."""
+    else the shipped tiny base and demo file; random concepts when the file has fewer than two."""
 
     def __init__(self, tmp: Path):
         self.tmp = tmp
         base, share = os.environ.get("SHARE_APP_TEST_BASE"), os.environ.get("SHARE_APP_TEST_SHARE")
         if base:
             self.base = Path(base)
-        elif (TINY_BASE / "model_index.json").is_file():
+        else:  # the shipped tiny base and demo Share file
             self.base = TINY_BASE
-            share = share or (str(DEMO_SHARE) if DEMO_SHARE.is_file() else None)
-        else:  # the shipped tiny base is not there yet: a tiny pipeline of the test suite
-            sys.path.insert(0, str(ROOT / "tests"))
-            from tiny_pipelines import tiny_sd
-
-            self.base = tmp / "base"
-            tiny_sd().save_pretrained(self.base)
+            share = share or str(DEMO_SHARE)
         self.share = tmp / "share.safetensors"
         if share and concept_count(Path(share)) >= 2:
             shutil.copyfile(share, self.share)
