@@ -88,10 +88,6 @@ def load_base(path) -> StableDiffusionPipeline:
     return pipe
 
 
-def score(pipe, concept) -> float:
-    return evaluation.concept_score(pipe, concept)
-
-
 def train_lora(pipe, adapter: str, concepts, steps: int, lr: float, args) -> float:
     """Train (or keep training) a PEFT LoRA on the concepts' training images; returns wall seconds."""
     started = time.time()
@@ -132,7 +128,7 @@ def run_share(args, concepts, lr, out: Path, evaluate=True) -> dict:
         pipe.load_share(share)
         for j in range(i + 1):
             pipe.set_share_concepts(concepts[j].name)
-            R[i, j] = score(pipe, concepts[j])
+            R[i, j] = evaluation.concept_score(pipe, concepts[j])
         print(f"  share: after {c.name}: " + " ".join(f"{x:.2f}" for x in R[i, : i + 1]) + f"  (wall {report['wall_time_s']} s)")
     state, header = read_share(share)
     last = state.names[-1]
@@ -162,7 +158,7 @@ def run_lora(args, concepts, lr, out: Path, evaluate=True) -> dict:
         if evaluate:
             for j in range(i + 1):  # concept j uses its own LoRA, trained once: no forgetting
                 pipe.set_adapters([f"c{j}"])
-                R[i, j] = score(pipe, concepts[j])
+                R[i, j] = evaluation.concept_score(pipe, concepts[j])
             print(f"  lora: after {c.name}: " + " ".join(f"{x:.2f}" for x in R[i, : i + 1]))
     params, nbytes = lora_numbers(pipe, "c0")
     return {"R": R, "pipe": pipe, "select": lambda j: pipe.set_adapters([f"c{j}"]), "wall_s": wall,
@@ -177,7 +173,7 @@ def run_naive(args, concepts, lr, out: Path, evaluate=True) -> dict:
     for i, c in enumerate(concepts):
         wall += train_lora(pipe, "seq", [c], args.steps, lr, args)
         for j in range(i + 1):
-            R[i, j] = score(pipe, concepts[j])
+            R[i, j] = evaluation.concept_score(pipe, concepts[j])
         print(f"  naive: after {c.name}: " + " ".join(f"{x:.2f}" for x in R[i, : i + 1]))
     params, nbytes = lora_numbers(pipe, "seq")
     return {"R": R, "pipe": pipe, "select": lambda j: None, "wall_s": wall, "bytes_per_concept": nbytes / T, "trainable_params": params}
@@ -188,7 +184,7 @@ def run_joint(args, concepts, lr, out: Path, evaluate=True) -> dict:
     R = np.full((T, T), np.nan)
     pipe = load_base(args.base)
     wall = train_lora(pipe, "joint", concepts, args.steps * T, lr, args)
-    R[-1] = [score(pipe, c) for c in concepts]
+    R[-1] = [evaluation.concept_score(pipe, c) for c in concepts]
     print("  joint: " + " ".join(f"{x:.2f}" for x in R[-1]))
     params, nbytes = lora_numbers(pipe, "joint")
     return {"R": R, "pipe": pipe, "select": lambda j: None, "wall_s": wall, "bytes_per_concept": nbytes / T, "trainable_params": params}
@@ -215,7 +211,7 @@ def tune(args, concept, out: Path) -> tuple[dict[str, float], dict[str, dict[flo
             if method == "share":
                 run["pipe"].load_share(out / f"tune-{method}-{lr:g}" / "share.safetensors")
             run["select"](0)
-            scores[lr] = score(run["pipe"], concept)
+            scores[lr] = evaluation.concept_score(run["pipe"], concept)
         best[method], sweeps[method] = max(scores, key=scores.get), scores
         print(f"tuning {method}: " + ", ".join(f"lr {lr:g} → {s:.3f}" for lr, s in scores.items()) + f"; using {best[method]:g}")
     return best, sweeps

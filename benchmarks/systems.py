@@ -71,7 +71,7 @@ from share_diffusers.lora import share_to_lora  # noqa: E402
 from share_diffusers.pipeline import pipeline_shapes  # noqa: E402
 from share_diffusers.processor import base_linear, find_targets, layer_shape  # noqa: E402
 from share_diffusers.subspace import LayerShare, ShareState  # noqa: E402
-from tests.tiny_pipelines import tokenizer_dir  # noqa: E402  (the offline byte-level CLIP tokenizer)
+from tests.tiny_pipelines import SDXL_UNET, tokenizer_dir  # noqa: E402  (the test suite's tiny SDXL UNet, offline tokenizer)
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -86,13 +86,6 @@ TINY_UNET = dict(
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
 )
-TINY_XL_UNET = dict(
-    block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-    attention_head_dim=(4, 8), use_linear_projection=True, addition_embed_type="text_time",
-    addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    cross_attention_dim=64, norm_num_groups=8,
-)
 TINY_TEXT = dict(
     hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=1000,
     bos_token_id=0, eos_token_id=2, pad_token_id=1, projection_dim=32,
@@ -100,7 +93,7 @@ TINY_TEXT = dict(
 # name -> component -> config (a dict, or the name of a JSON file in benchmarks/configs)
 ARCHS = {
     "tiny": {"unet": TINY_UNET, "text_encoder": TINY_TEXT},
-    "tiny-xl": {"unet": TINY_XL_UNET, "text_encoder": TINY_TEXT, "text_encoder_2": TINY_TEXT},
+    "tiny-xl": {"unet": SDXL_UNET, "text_encoder": TINY_TEXT, "text_encoder_2": TINY_TEXT},
     "sd15": {"unet": "sd15_unet", "text_encoder": "sd15_text_encoder"},
     "sdxl": {"unet": "sdxl_unet", "text_encoder": "sdxl_text_encoder", "text_encoder_2": "sdxl_text_encoder_2"},
 }
