@@ -198,8 +198,9 @@ def main(args) -> dict | None:
     vae = AutoencoderKL.from_pretrained(base, subfolder="vae", **load)
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **load)
     noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", local_files_only=True)
-    if unet.config.addition_embed_type is not None:
-        fail("this script trains SD 1.x/2.x-style UNets; SDXL (added text/time conditioning) is not supported yet.")
+    if unet.config.addition_embed_type not in (None, "text"):  # "text" pools the prompt: no extra inputs
+        fail(f"this script trains UNets conditioned on the prompt only (SD 1.x/2.x-style); this one needs "
+             f"addition_embed_type={unet.config.addition_embed_type!r} inputs (SDXL), which it does not provide yet.")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     for model in (text_encoder, vae, unet):
         model.requires_grad_(False)

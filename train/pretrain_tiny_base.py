@@ -15,9 +15,9 @@ Stages, each checkpointed under --work-dir so that a crash loses at most a few m
      weighting, 10% empty captions for classifier-free guidance, EMA weights are saved).
 
 Measured for the shipped model on the project's 2-core CPU (no GPU was available to measure),
-default arguments, `--threads 1` beside other jobs: rendering 2 min, VAE + decoder about 35 min
-(resumed across interruptions, so only roughly timed), encoding 4 min, denoiser 44 min
-(5000 steps, 0.53 s/step). Its measured quality is in the README ("The tiny base").
+default arguments: rendering 2 min, VAE + decoder about 35 min (1 thread, resumed across
+interruptions, so only roughly timed), encoding 4 min, denoiser 38 min with `--threads 2`
+(6000 steps, 0.38 s/step). Its measured quality is in the README ("The tiny base").
 Re-running with the same --seed reproduces a model of the same quality (bitwise identity is not
 promised: multi-threaded CPU reductions are not ordered).
 """
@@ -41,8 +41,10 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from share_diffusers import world
 
-NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                      steps_offset=1)  # Stable Diffusion's schedule
+# DDPM's linear schedule, not Stable Diffusion's scaled_linear: on 16x16 latents SD's schedule keeps
+# a signal-to-noise ratio near 1 for each channel's mean at t = T, so the model learned to take the
+# background colour from the starting noise instead of the prompt (half the backgrounds came out wrong).
+NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", steps_offset=1)
 
 
 # --------------------------------------------------------------------------- models
@@ -82,7 +84,7 @@ def build_tokenizer(directory: Path) -> CLIPTokenizer:
 
 
 def build_models(tokenizer: CLIPTokenizer) -> tuple[CLIPTextModel, AutoencoderKL, UNet2DConditionModel]:
-    """The architecture (seeded by the caller): ~4.4M parameters, 17.5 MB in fp32."""
+    """The architecture (seeded by the caller): 4.5M parameters, 17.9 MB in fp32."""
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
@@ -92,11 +94,12 @@ def build_models(tokenizer: CLIPTokenizer) -> tuple[CLIPTextModel, AutoencoderKL
         block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
         mid_block_add_attention=False)
-    unet = UNet2DConditionModel(  # 16x16 -> 8x8 (cross-attention, 128 wide) -> 4x4
+    unet = UNet2DConditionModel(  # 16x16 (64 wide) -> 8x8 (128 wide, self- and cross-attention)
         sample_size=world.RESOLUTION // 4, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 128, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), mid_block_type=None,
-        cross_attention_dim=128, attention_head_dim=4)  # diffusers' legacy name: 4 heads of 32
+        block_out_channels=(64, 128), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), mid_block_type=None,
+        cross_attention_dim=128, attention_head_dim=4,  # diffusers' legacy name: 4 heads of 32
+        addition_embed_type="text")  # the pooled prompt joins the time embedding: every resnet sees it
     return text_encoder, vae, unet
 
 
@@ -179,10 +182,19 @@ def train_autoencoder(vae, images, steps, batch_size, lr, seed, checkpoint: Path
 
 
 @torch.no_grad()
-def encode(vae, images, batch_size=500) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std of every image (latents are sampled from them during training)."""
+def encode(vae, images, cache: Path, batch_size=500) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every image (latents are sampled from them during training).
+
+    Cached beside the autoencoder checkpoints: the encoder is final once its stage has finished.
+    """
+    if cache.exists():
+        state = torch.load(cache)
+        if len(state["mean"]) == len(images):
+            return state["mean"], state["std"]
     parts = [vae.encode(to_float(images[i:i + batch_size])).latent_dist for i in range(0, len(images), batch_size)]
-    return torch.cat([p.mean for p in parts]), torch.cat([p.std for p in parts])
+    mean, std = torch.cat([p.mean for p in parts]), torch.cat([p.std for p in parts])
+    save_atomic({"mean": mean, "std": std}, cache)
+    return mean, std
 
 
 def train_denoiser(unet, text_encoder, tokenizer, means, stds, scaling_factor, scenes, steps, batch_size, lr,
@@ -243,7 +255,7 @@ def main() -> None:
     parser.add_argument("--vae-steps", type=int, default=2000)
     parser.add_argument("--decoder-steps", type=int, default=1500, help="decoder-only fine-tuning")
     parser.add_argument("--vae-batch-size", type=int, default=16)
-    parser.add_argument("--denoiser-steps", type=int, default=5000)
+    parser.add_argument("--denoiser-steps", type=int, default=6000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=7e-4)
     parser.add_argument("--threads", type=int, help="torch CPU threads; 1 is faster on a CPU shared with other jobs")
@@ -265,7 +277,7 @@ def main() -> None:
                       args.work_dir / "vae.pt")
     train_autoencoder(vae, torch.cat([images[:len(extras)], extras]), args.decoder_steps, args.vae_batch_size, 5e-4,
                       args.seed, args.work_dir / "decoder.pt", decoder_only=True)  # half patterned objects
-    means, stds = encode(vae, images)
+    means, stds = encode(vae, images, args.work_dir / "latents.pt")
     vae.register_to_config(scaling_factor=1.0 / means.std().item())
     print(f"autoencoder done, scaling_factor {vae.config.scaling_factor:.4f} ({(time.time() - stage) / 60:.1f} min)", flush=True)
     stage = time.time()
