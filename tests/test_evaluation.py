@@ -30,7 +30,9 @@ def base():
 
 @pytest.fixture(scope="module")
 def concepts():
-    return world.list_concepts(world.CONCEPTS)[:2]
+    """Two concepts that share neither pattern nor silhouette, so one's adapter barely draws the other."""
+    by_name = {c.name: c for c in world.list_concepts(world.CONCEPTS)}
+    return [by_name["checkered-blob-02"], by_name["ringed-star-07"]]
 
 
 @pytest.fixture(scope="module")
