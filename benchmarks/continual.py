@@ -59,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2], help="learning rates tried on the first concept, per method")
     p.add_argument("--lr", nargs="+", default=[], metavar="FAMILY=LR",
                    help="skip tuning: e.g. share=3e-3 lora=1e-2 (lora also sets naive and joint)")
-    p.add_argument("--images", type=int, default=10, help="generated images per concept for identity accuracy")
+    p.add_argument("--images", type=int, default=20, help="generated images per concept for identity accuracy (its held-out prompts)")
     p.add_argument("--share_args", default="", help="extra flags for learn_concept.py (e.g. '--coef_rank 2')")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "continual"))
@@ -296,8 +296,10 @@ def table(summary: dict) -> str:
     notes = []
     if "share" in m and ref:
         s = m["share"]
+        gaps = 100 * (np.array(s["identity"]) - np.array(ref["identity"]))
         notes.append(f"Share / independent LoRA: average score {s['average_score'] / ref['average_score']:.2f}×, "
-                     f"identity accuracy {100 * (s['identity_mean'] - ref['identity_mean']):+.0f} points.")
+                     f"identity accuracy {100 * (s['identity_mean'] - ref['identity_mean']):+.0f} points; per concept "
+                     f"{(abs(gaps) <= 5).sum()} of {len(gaps)} within 5 points (differences {', '.join(f'{g:+.0f}' for g in gaps)}).")
     return "\n".join(rows + [""] + notes) + "\n"
 
 
