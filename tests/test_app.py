@@ -3,8 +3,9 @@ headless Chromium (Playwright, sync API) and by gradio_client. Offline; torn dow
 a check that no process (server or learn job) is left behind.
 
 Uses the shipped tiny base and demo Share file (or $SHARE_APP_TEST_BASE / $SHARE_APP_TEST_SHARE);
-a Share file with fewer than two concepts is replaced by three random ones. The browser test prints the time from pressing Generate to the first
-image and saves the README screenshot, docs/images/ui.png.
+a Share file with fewer than two concepts is replaced by three random ones. The browser test
+prints the time from pressing Generate to the first image and saves the README screenshot,
+docs/images/ui.png.
 """
 
 import hashlib

@@ -5,7 +5,7 @@ Learns ``--concepts`` (four differently patterned concepts of the procedural wor
 ``train/learn_concept.py`` (default settings) into a work folder, then copies the final file into
 ``assets/``. Deterministic given the same base model, seed and software versions.
 
-    python train/make_demo_share.py            # 4 concepts, about 2 minutes per concept on a 2-core CPU
+    python train/make_demo_share.py            # 4 concepts, about 30-45 s per concept on a 2-core CPU
 """
 
 import argparse

@@ -185,12 +185,12 @@ def train_autoencoder(vae, images, steps, batch_size, lr, seed, checkpoint: Path
 def encode(vae, images, cache: Path, batch_size=500) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean and std of every image (latents are sampled from them during training).
 
-    Cached beside the autoencoder checkpoints: the encoder is final once its stage has finished.
+    Cached beside the autoencoder checkpoints (the encoder is final once its stage has finished),
+    under a name that holds the seed and count of the rendered images.
     """
     if cache.exists():
         state = torch.load(cache)
-        if len(state["mean"]) == len(images):
-            return state["mean"], state["std"]
+        return state["mean"], state["std"]
     parts = [vae.encode(to_float(images[i:i + batch_size])).latent_dist for i in range(0, len(images), batch_size)]
     mean, std = torch.cat([p.mean for p in parts]), torch.cat([p.std for p in parts])
     save_atomic({"mean": mean, "std": std}, cache)
@@ -277,7 +277,7 @@ def main() -> None:
                       args.work_dir / "vae.pt")
     train_autoencoder(vae, torch.cat([images[:len(extras)], extras]), args.decoder_steps, args.vae_batch_size, 5e-4,
                       args.seed, args.work_dir / "decoder.pt", decoder_only=True)  # half patterned objects
-    means, stds = encode(vae, images, args.work_dir / "latents.pt")
+    means, stds = encode(vae, images, args.work_dir / f"latents-seed{args.seed}-{args.images}.pt")
     vae.register_to_config(scaling_factor=1.0 / means.std().item())
     print(f"autoencoder done, scaling_factor {vae.config.scaling_factor:.4f} ({(time.time() - stage) / 60:.1f} min)", flush=True)
     stage = time.time()
