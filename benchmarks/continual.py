@@ -59,7 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2], help="learning rates tried on the first concept, per method")
     p.add_argument("--lr", nargs="+", default=[], metavar="FAMILY=LR",
                    help="skip tuning: e.g. share=3e-3 lora=1e-2 (lora also sets naive and joint)")
-    p.add_argument("--images", type=int, default=20, help="generated images per concept for identity accuracy (its held-out prompts)")
+    p.add_argument("--images", type=int, default=100,
+                   help="generated images per concept for identity accuracy (its held-out prompts, cycled with new seeds)")
     p.add_argument("--share_args", default="", help="extra flags for learn_concept.py (e.g. '--coef_rank 2')")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "continual"))
@@ -248,7 +249,7 @@ def main(argv=None) -> dict:
         results[method] = {"lr": lrs[LR_FROM[method]], "R": run["R"].tolist(), **metrics, **extra,
                            "identity_mean": float(np.mean(extra["identity"])),
                            **{k: v for k, v in run.items() if k not in ("R", "pipe", "select")}}
-    summary = {"concepts": [c.name for c in concepts], "steps": args.steps, "batch_size": args.batch_size,
+    summary = {"concepts": [c.name for c in concepts], "steps": args.steps, "batch_size": args.batch_size, "images": args.images,
                "lora_rank": args.lora_rank, "share_args": args.share_args, "lr_sweeps": sweeps, "methods": results,
                "hardware": hardware(), "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))}
     return write_results(summary, out)
@@ -264,7 +265,7 @@ def write_results(summary: dict, out: Path) -> dict:
 
 def combine(parts: list[dict]) -> dict:
     """One summary from runs of different methods with the same settings (refused otherwise)."""
-    same = ("concepts", "steps", "batch_size", "lora_rank", "share_args")
+    same = ("concepts", "steps", "batch_size", "images", "lora_rank", "share_args")
     for part in parts[1:]:
         differ = [k for k in same if part[k] != parts[0][k]]
         if differ:
@@ -296,10 +297,14 @@ def table(summary: dict) -> str:
     notes = []
     if "share" in m and ref:
         s = m["share"]
-        gaps = 100 * (np.array(s["identity"]) - np.array(ref["identity"]))
+        a, b, n = np.array(s["identity"]), np.array(ref["identity"]), summary.get("images", 20)
+        gaps = 100 * (a - b)
+        noise = 100 * 1.96 * np.sqrt((a * (1 - a) + b * (1 - b)) / n)  # 95% interval of a difference of two rates
         notes.append(f"Share / independent LoRA: average score {s['average_score'] / ref['average_score']:.2f}×, "
                      f"identity accuracy {100 * (s['identity_mean'] - ref['identity_mean']):+.0f} points; per concept "
-                     f"{(abs(gaps) <= 5).sum()} of {len(gaps)} within 5 points (differences {', '.join(f'{g:+.0f}' for g in gaps)}).")
+                     f"{(abs(gaps) <= 5).sum()} of {len(gaps)} within 5 points, {(abs(gaps) <= noise).sum()} within their "
+                     f"95% sampling interval at {n} images each (differences "
+                     f"{', '.join(f'{g:+.0f}±{h:.0f}' for g, h in zip(gaps, noise))}).")
     return "\n".join(rows + [""] + notes) + "\n"
 
 

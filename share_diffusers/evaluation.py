@@ -199,9 +199,13 @@ def prompt_following(images, captions: list[str]) -> dict[str, float]:
 
 def generation_metrics(pipe, concept: world.ConceptFolder, classifier: IdentityClassifier | None = None,
                        n: int = 20, seed: int = 0, **generate_kwargs) -> dict[str, float]:
-    """Generate the concept in its held-out contexts; identity, background and position accuracy."""
+    """Generate the concept in its held-out contexts; identity, background and position accuracy.
+
+    ``n`` above the number of held-out prompts cycles through them again, each image with its own
+    seed: identity rates far from 0 and 1 need many images to be compared within a few points.
+    """
     classifier = classifier or load_identity_classifier()
-    captions = [s.caption for s in concept.heldout[:n]]
+    captions = [concept.heldout[i % len(concept.heldout)].caption for i in range(n)]
     images = generate(pipe, captions, seed, **generate_kwargs)
     identity = float(np.mean([label == concept.name for label in classifier.predict(images)]))
     return {"identity": identity, **prompt_following(images, captions)}
