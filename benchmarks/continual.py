@@ -297,7 +297,7 @@ def table(summary: dict) -> str:
     notes = []
     if "share" in m and ref:
         s = m["share"]
-        a, b, n = np.array(s["identity"]), np.array(ref["identity"]), summary.get("images", 20)
+        a, b, n = np.array(s["identity"]), np.array(ref["identity"]), summary["images"]
         gaps = 100 * (a - b)
         noise = 100 * 1.96 * np.sqrt((a * (1 - a) + b * (1 - b)) / n)  # 95% interval of a difference of two rates
         notes.append(f"Share / independent LoRA: average score {s['average_score'] / ref['average_score']:.2f}×, "
