@@ -4,7 +4,9 @@ Why it exists: no outside weights (CLIP, DINO) are available offline, so quality
 a world whose ground truth is known by construction (DESIGN.md §5).
 
 - *Base scenes* are what the tiny base model is pretrained on: one plain-coloured shape on a
-  plain background, captioned "a small red circle on a blue background, top left".
+  plain background, captioned "a small red circle on a blue background, top left". Patterned
+  scenes ("a red and white striped square on a blue background") exist for experiments
+  (train/pretrain_tiny_base.py --patterned-images); the shipped base was trained without them.
 - *Concepts* are novel objects the base model has never seen: each has its own silhouette
   (random Fourier blob or star polygon), its own two-colour pattern, and its own trigger word,
   and is captioned "a photo of <trigger> on a green background, top left".
@@ -15,6 +17,7 @@ Everything is plain numpy + PIL and deterministic in its seed.
 from __future__ import annotations
 
 import colorsys
+import dataclasses
 import json
 import math
 import random
@@ -61,6 +64,7 @@ CAPTION_WORDS = sorted(
     | set(SIZES) | set(COLOURS) | set(SHAPES)
     | {word for name in POSITIONS for word in name.split()}
 )
+PATTERN_WORDS = sorted({"and"} | set(PATTERN_ADJECTIVES.values()))  # only in patterned scenes' captions
 
 
 def _make_trigger_words(n: int, seed: int = 0) -> tuple[str, ...]:
@@ -178,25 +182,37 @@ def render(sprite: Sprite, background: tuple[int, int, int], centre: tuple[float
 
 @dataclass(frozen=True)
 class Scene:
-    """One pretraining image: a plain shape on a plain background."""
+    """One pretraining image: a shape on a plain background, plain or patterned in two colours."""
 
     shape: str
     colour: str
     background: str
     position: str
     size: str
+    pattern: str = "solid"  # or one of PATTERNS, painted in colour and second_colour
+    second_colour: str | None = None
 
     @property
     def combo(self) -> tuple[str, str, str, str]:
         return self.shape, self.colour, self.background, self.position
 
+    @property
+    def subject(self) -> str:
+        """"red circle", or "red and white striped circle"."""
+        if self.pattern == "solid":
+            return f"{self.colour} {self.shape}"
+        return f"{self.colour} and {self.second_colour} {PATTERN_ADJECTIVES[self.pattern]} {self.shape}"
+
     def caption(self) -> str:
         """The full canonical caption, as used for evaluation prompts."""
-        return f"a {self.size} {self.colour} {self.shape} on a {self.background} background, {self.position}"
+        return f"a {self.size} {self.subject} on a {self.background} background, {self.position}"
 
     def render(self, rng: np.random.Generator, resolution: int = RESOLUTION) -> Image.Image:
         diameter = rng.uniform(*SIZES[self.size]) * resolution
         sprite = Sprite(BASE_OUTLINES[self.shape], (COLOURS[self.colour],))
+        if self.pattern != "solid":  # concepts' pattern scale, any orientation
+            sprite = Sprite(sprite.outline, (COLOURS[self.colour], COLOURS[self.second_colour]), self.pattern,
+                            frequency=rng.uniform(2.5, 3.5), pattern_angle=rng.uniform(0, np.pi))
         return render(sprite, COLOURS[self.background], place(self.position, diameter, rng, resolution),
                       diameter, resolution=resolution)
 
@@ -212,11 +228,15 @@ HELDOUT_COMBOS = frozenset(random.Random(0).sample(_all_combos(), 200))
 _PRETRAINING_COMBOS = [combo for combo in _all_combos() if combo not in HELDOUT_COMBOS]
 
 
-def random_scene(rng: np.random.Generator, heldout: bool = False) -> Scene:
+def random_scene(rng: np.random.Generator, heldout: bool = False, patterned: bool = False) -> Scene:
     """A random scene from the pretraining combinations, or from the held-out ones."""
     pool = sorted(HELDOUT_COMBOS) if heldout else _PRETRAINING_COMBOS
     shape, colour, background, position = pool[rng.integers(len(pool))]
-    return Scene(shape, colour, background, position, str(rng.choice(list(SIZES))))
+    scene = Scene(shape, colour, background, position, str(rng.choice(list(SIZES))))
+    if not patterned:
+        return scene
+    second = [c for c in COLOURS if c not in (colour, background)]
+    return dataclasses.replace(scene, pattern=str(rng.choice(PATTERNS)), second_colour=second[rng.integers(len(second))])
 
 
 def heldout_scenes(n: int = 200, seed: int = 0) -> list[Scene]:
@@ -234,7 +254,7 @@ def pretraining_caption(scene: Scene, rng: np.random.Generator) -> str:
     size = f"{scene.size} " if rng.random() < 0.6 else ""
     position = f", {scene.position}" if rng.random() < 0.8 else ""
     prefix = "a photo of " if rng.random() < 0.3 else ""
-    return f"{prefix}a {size}{scene.colour} {scene.shape} on a {scene.background} background{position}"
+    return f"{prefix}a {size}{scene.subject} on a {scene.background} background{position}"
 
 
 def parse_caption(caption: str) -> dict[str, str]:
@@ -254,7 +274,7 @@ def parse_caption(caption: str) -> dict[str, str]:
     for word in subject:
         for key, vocabulary in (("shape", SHAPES), ("colour", COLOURS), ("size", SIZES), ("trigger", TRIGGER_WORDS)):
             if word in vocabulary:
-                found[key] = word
+                found.setdefault(key, word)  # "red and white striped": the first colour is the object's
     return found
 
 

@@ -57,11 +57,26 @@ def test_trigger_words_are_fresh_letter_only_words():
     triggers = world.TRIGGER_WORDS
     assert len(triggers) == 64 == len(set(triggers))
     assert all(t.isalpha() and t.islower() for t in triggers)
-    assert not set(triggers) & set(world.CAPTION_WORDS)
+    assert not set(triggers) & set(world.CAPTION_WORDS + world.PATTERN_WORDS)
     rng = np.random.default_rng(0)
-    for _ in range(500):
-        caption = world.pretraining_caption(world.random_scene(rng), rng)
-        assert set(caption.replace(",", " ").split()) <= set(world.CAPTION_WORDS), caption
+    for patterned in (False, True):
+        for _ in range(500):
+            caption = world.pretraining_caption(world.random_scene(rng, patterned=patterned), rng)
+            assert set(caption.replace(",", " ").split()) <= set(world.CAPTION_WORDS + world.PATTERN_WORDS), caption
+
+
+def test_patterned_scenes_use_two_named_colours_and_the_pattern_named():
+    rng = np.random.default_rng(1)
+    scenes = [world.random_scene(rng, patterned=True) for _ in range(200)]
+    assert {s.pattern for s in scenes} == set(world.PATTERNS)
+    assert not {s.combo for s in scenes} & world.HELDOUT_COMBOS
+    for scene in scenes[:20]:
+        assert len({scene.colour, scene.second_colour, scene.background}) == 3
+        words = scene.caption().split()
+        assert words[2:6] == [scene.colour, "and", scene.second_colour, world.PATTERN_ADJECTIVES[scene.pattern]]
+        assert world.parse_caption(scene.caption())["colour"] == scene.colour
+        colours = {tuple(c) for c in np.asarray(scene.render(rng)).reshape(-1, 3)}
+        assert {world.COLOURS[scene.colour], world.COLOURS[scene.second_colour], world.COLOURS[scene.background]} <= colours
 
 
 @pytest.mark.parametrize("index", [0, 5])

@@ -70,9 +70,9 @@ def learn_merges(words: list[str]) -> list[tuple[str, str]]:
     return merges
 
 
-def build_tokenizer(directory: Path) -> CLIPTokenizer:
+def build_tokenizer(directory: Path, words: list[str]) -> CLIPTokenizer:
     """Write vocab.json + merges.txt + tokenizer_config.json and load them as a CLIPTokenizer."""
-    merges = learn_merges(world.CAPTION_WORDS + list(world.TRIGGER_WORDS))
+    merges = learn_merges(words + list(world.TRIGGER_WORDS))
     alphabet = sorted(ByteLevel.alphabet())  # every byte is a symbol: no text is ever unknown
     tokens = alphabet + [s + "</w>" for s in alphabet] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
@@ -115,9 +115,9 @@ def to_float(batch: torch.Tensor) -> torch.Tensor:
     return batch.float() / 127.5 - 1
 
 
-def render_base(n: int, seed: int) -> tuple[torch.Tensor, list[world.Scene]]:
+def render_base(n: int, seed: int, patterned: bool = False) -> tuple[torch.Tensor, list[world.Scene]]:
     rng = np.random.default_rng(seed)
-    scenes = [world.random_scene(rng) for _ in range(n)]
+    scenes = [world.random_scene(rng, patterned=patterned) for _ in range(n)]
     return to_uint8([s.render(rng) for s in scenes]), scenes
 
 
@@ -250,7 +250,10 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("assets/tiny-base"))
     parser.add_argument("--work-dir", type=Path, default=Path("runs/tiny-base"), help="checkpoints; resumed if present")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--images", type=int, default=30000, help="rendered base scenes")
+    parser.add_argument("--images", type=int, default=30000, help="rendered plain base scenes")
+    parser.add_argument("--patterned-images", type=int, default=0,
+                        help="also pretrain the denoiser on this many patterned scenes ('a red and white striped "
+                             "circle ...'); an experiment, the shipped base has none (README: identity accuracy)")
     parser.add_argument("--vae-extra-images", type=int, default=6000, help="patterned objects for the VAE only")
     parser.add_argument("--vae-steps", type=int, default=2000)
     parser.add_argument("--decoder-steps", type=int, default=1500, help="decoder-only fine-tuning")
@@ -266,19 +269,25 @@ def main() -> None:
     start = time.time()
     torch.manual_seed(args.seed)
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(args.work_dir / "tokenizer")
+    tokenizer = build_tokenizer(args.work_dir / "tokenizer",
+                                world.CAPTION_WORDS + (world.PATTERN_WORDS if args.patterned_images else []))
     text_encoder, vae, unet = build_models(tokenizer)
 
     images, scenes = render_base(args.images, args.seed)
     extras = render_vae_extras(args.vae_extra_images, args.seed + 1)
-    print(f"rendered {len(images) + len(extras)} images ({time.time() - start:.0f} s)", flush=True)
+    patterned, patterned_scenes = (render_base(args.patterned_images, args.seed + 2, patterned=True)
+                                   if args.patterned_images else (images[:0], []))
+    print(f"rendered {len(images) + len(extras) + len(patterned)} images ({time.time() - start:.0f} s)", flush=True)
     stage = time.time()
     train_autoencoder(vae, torch.cat([images, extras]), args.vae_steps, args.vae_batch_size, 1e-3, args.seed,
                       args.work_dir / "vae.pt")
     train_autoencoder(vae, torch.cat([images[:len(extras)], extras]), args.decoder_steps, args.vae_batch_size, 5e-4,
                       args.seed, args.work_dir / "decoder.pt", decoder_only=True)  # half patterned objects
     means, stds = encode(vae, images, args.work_dir / f"latents-seed{args.seed}-{args.images}.pt")
-    vae.register_to_config(scaling_factor=1.0 / means.std().item())
+    vae.register_to_config(scaling_factor=1.0 / means.std().item())  # from the plain scenes
+    if args.patterned_images:
+        extra_means, extra_stds = encode(vae, patterned, args.work_dir / f"latents-patterned-seed{args.seed + 2}-{args.patterned_images}.pt")
+        means, stds, scenes = torch.cat([means, extra_means]), torch.cat([stds, extra_stds]), scenes + patterned_scenes
     print(f"autoencoder done, scaling_factor {vae.config.scaling_factor:.4f} ({(time.time() - stage) / 60:.1f} min)", flush=True)
     stage = time.time()
     train_denoiser(unet, text_encoder, tokenizer, means, stds, vae.config.scaling_factor, scenes, args.denoiser_steps, args.batch_size,
