@@ -67,6 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--combine", nargs="+", metavar="DIR",
                    help="no training: merge the continual.json of runs of different methods (e.g. run in parallel) into --out")
+    p.add_argument("--compare", nargs=2, metavar="RUN:METHOD",
+                   help="no training: per-concept identity of two finished runs (their --out or continual.json), "
+                        "e.g. runs/a:lora runs/b:lora where b ran with another --seed")
     p.add_argument("--quick", action="store_true", help="3 concepts, 20 steps, one learning rate, 2 images")
     args = p.parse_args(argv)
     try:
@@ -234,6 +237,9 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if args.combine:
         return write_results(combine([json.loads((Path(d) / "continual.json").read_text()) for d in args.combine]), out)
+    if args.compare:
+        print(compare(args.compare))
+        return {}
     concepts = world.list_concepts(args.concepts_dir)[: args.concepts]
     torch.manual_seed(args.seed)
     lrs, sweeps = tune(args, concepts[0], out)
@@ -277,6 +283,34 @@ def combine(parts: list[dict]) -> dict:
     return summary
 
 
+def compare(specs: list[str]) -> str:
+    """Identity of method A in run A against method B in run B, concept by concept."""
+    runs = []
+    for spec in specs:
+        run, _, method = spec.rpartition(":")
+        path = Path(run) / "continual.json" if Path(run).is_dir() else Path(run)
+        if not path.is_file():
+            raise SystemExit(f"--compare: no benchmark results at {path} (give a run's --out folder or its continual.json)")
+        summary = json.loads(path.read_text())
+        if method not in summary["methods"]:
+            raise SystemExit(f"--compare: {run} has no method {method!r} (it has {', '.join(summary['methods'])})")
+        runs.append((summary, summary["methods"][method]))
+    (a, ra), (b, rb) = runs
+    if (a["concepts"], a["images"]) != (b["concepts"], b["images"]):
+        raise SystemExit("--compare: the runs differ in their concepts or identity images; only like for like compares.")
+    return f"{specs[0]} − {specs[1]}: identity accuracy {identity_gaps(ra['identity'], rb['identity'], a['images'])}"
+
+
+def identity_gaps(a, b, n: int) -> str:
+    """Per-concept identity differences a − b in points, each with the 95% sampling interval of n images."""
+    a, b = np.array(a), np.array(b)
+    gaps = 100 * (a - b)
+    noise = 100 * 1.96 * np.sqrt((a * (1 - a) + b * (1 - b)) / n)  # 95% interval of a difference of two rates
+    return (f"{gaps.mean():+.0f} points on average; per concept {(abs(gaps) <= 5).sum()} of {len(gaps)} within 5 points, "
+            f"{(abs(gaps) <= noise).sum()} within their 95% sampling interval at {n} images each (differences "
+            f"{', '.join(f'{g:+.0f}±{h:.0f}' for g, h in zip(gaps, noise))}).")
+
+
 def hardware() -> str:
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), "unknown CPU")
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
@@ -297,14 +331,8 @@ def table(summary: dict) -> str:
     notes = []
     if "share" in m and ref:
         s = m["share"]
-        a, b, n = np.array(s["identity"]), np.array(ref["identity"]), summary["images"]
-        gaps = 100 * (a - b)
-        noise = 100 * 1.96 * np.sqrt((a * (1 - a) + b * (1 - b)) / n)  # 95% interval of a difference of two rates
         notes.append(f"Share / independent LoRA: average score {s['average_score'] / ref['average_score']:.2f}×, "
-                     f"identity accuracy {100 * (s['identity_mean'] - ref['identity_mean']):+.0f} points; per concept "
-                     f"{(abs(gaps) <= 5).sum()} of {len(gaps)} within 5 points, {(abs(gaps) <= noise).sum()} within their "
-                     f"95% sampling interval at {n} images each (differences "
-                     f"{', '.join(f'{g:+.0f}±{h:.0f}' for g, h in zip(gaps, noise))}).")
+                     f"identity accuracy {identity_gaps(s['identity'], ref['identity'], summary['images'])}")
     return "\n".join(rows + [""] + notes) + "\n"
 
 

@@ -42,3 +42,14 @@ def test_runs_of_different_settings_do_not_combine(quick_run, tmp_path):
     (other / "continual.json").write_text(json.dumps(dict(summary, steps=summary["steps"] + 1), default=float))
     with pytest.raises(SystemExit, match="differ in steps"):
         continual.main(["--combine", str(out), str(other), "--out", str(tmp_path / "all")])
+
+
+def test_compare_reports_per_concept_identity_gaps(quick_run, capsys):
+    out, summary = quick_run
+    continual.main(["--compare", f"{out}:share", f"{out / 'continual.json'}:lora"])  # a run's folder or its JSON
+    share, lora = (np.array(summary["methods"][m]["identity"]) for m in ("share", "lora"))
+    printed = capsys.readouterr().out
+    assert f"identity accuracy {100 * (share - lora).mean():+.0f} points" in printed
+    assert "of 3 within 5 points" in printed
+    with pytest.raises(SystemExit, match="no method 'bogus'"):
+        continual.main(["--compare", f"{out}:share", f"{out}:bogus"])
