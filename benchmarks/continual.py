@@ -66,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "continual"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--combine", nargs="+", metavar="DIR",
-                   help="no training: merge the continual.json of runs of different methods (e.g. run in parallel) into --out")
+                   help="no training: merge runs of different methods (their --out or continual.json; e.g. run in parallel) into --out")
     p.add_argument("--compare", nargs=2, metavar="RUN:METHOD",
                    help="no training: per-concept identity of two finished runs (their --out or continual.json), "
                         "e.g. runs/a:lora runs/b:lora where b ran with another --seed")
@@ -236,7 +236,7 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.combine:
-        return write_results(combine([json.loads((Path(d) / "continual.json").read_text()) for d in args.combine]), out)
+        return write_results(combine([read_run(run) for run in args.combine]), out)
     if args.compare:
         print(compare(args.compare))
         return {}
@@ -269,6 +269,14 @@ def write_results(summary: dict, out: Path) -> dict:
     return summary
 
 
+def read_run(run: str) -> dict:
+    """The summary of a finished run, given its --out folder or its continual.json."""
+    path = Path(run) / "continual.json" if Path(run).is_dir() else Path(run)
+    if not path.is_file():
+        raise SystemExit(f"no benchmark results at {path} (give a run's --out folder or its continual.json)")
+    return json.loads(path.read_text())
+
+
 def combine(parts: list[dict]) -> dict:
     """One summary from runs of different methods with the same settings (refused otherwise)."""
     same = ("concepts", "steps", "batch_size", "images", "lora_rank", "share_args")
@@ -288,10 +296,7 @@ def compare(specs: list[str]) -> str:
     runs = []
     for spec in specs:
         run, _, method = spec.rpartition(":")
-        path = Path(run) / "continual.json" if Path(run).is_dir() else Path(run)
-        if not path.is_file():
-            raise SystemExit(f"--compare: no benchmark results at {path} (give a run's --out folder or its continual.json)")
-        summary = json.loads(path.read_text())
+        summary = read_run(run)
         if method not in summary["methods"]:
             raise SystemExit(f"--compare: {run} has no method {method!r} (it has {', '.join(summary['methods'])})")
         runs.append((summary, summary["methods"][method]))

@@ -57,6 +57,7 @@ SIZES: dict[str, tuple[float, float]] = {"small": (0.32, 0.38), "large": (0.52, 
 CONCEPT_SIZE = (0.52, 0.60)
 PATTERNS = ("stripes", "checker", "dots", "rings")
 SILHOUETTES = ("blob", "star")
+PATTERN_FREQUENCY = (2.5, 3.5)  # cycles per object diameter
 PATTERN_ADJECTIVES = {"stripes": "striped", "checker": "checkered", "dots": "dotted", "rings": "ringed"}
 
 CAPTION_WORDS = sorted(
@@ -209,10 +210,10 @@ class Scene:
 
     def render(self, rng: np.random.Generator, resolution: int = RESOLUTION) -> Image.Image:
         diameter = rng.uniform(*SIZES[self.size]) * resolution
-        sprite = Sprite(BASE_OUTLINES[self.shape], (COLOURS[self.colour],))
+        sprite = Sprite(BASE_OUTLINES[self.shape], tuple(COLOURS[c] for c in (self.colour, self.second_colour) if c))
         if self.pattern != "solid":  # concepts' pattern scale, any orientation
-            sprite = Sprite(sprite.outline, (COLOURS[self.colour], COLOURS[self.second_colour]), self.pattern,
-                            frequency=rng.uniform(2.5, 3.5), pattern_angle=rng.uniform(0, np.pi))
+            sprite = dataclasses.replace(sprite, pattern=self.pattern, frequency=rng.uniform(*PATTERN_FREQUENCY),
+                                         pattern_angle=rng.uniform(0, np.pi))
         return render(sprite, COLOURS[self.background], place(self.position, diameter, rng, resolution),
                       diameter, resolution=resolution)
 
@@ -379,7 +380,7 @@ def make_concept(index: int, world_seed: int = 0) -> Concept:
         if _distance(*colours) > 150:
             break
     backgrounds = tuple(name for name, rgb in COLOURS.items() if min(_distance(rgb, c) for c in colours) > 90)
-    sprite = Sprite(outline, colours, pattern, frequency=rng.uniform(2.5, 3.5), pattern_angle=rng.uniform(0, np.pi))
+    sprite = Sprite(outline, colours, pattern, frequency=rng.uniform(*PATTERN_FREQUENCY), pattern_angle=rng.uniform(0, np.pi))
     hexes = " and ".join("#%02x%02x%02x" % c for c in colours)
     return Concept(
         name=f"{PATTERN_ADJECTIVES[pattern]}-{kind}-{index:02d}",
