@@ -23,7 +23,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from .studio import ROOT, CheckedImage, file_sha256, file_signature, safe_filename
+from .files import ROOT, file_sha256, file_signature
+from .validation import CheckedImage, safe_filename
 
 FORMAT_SUFFIX = {"PNG": ".png", "JPEG": ".jpg", "MPO": ".jpg", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif", "TIFF": ".tif"}
 

@@ -38,21 +38,23 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import share_diffusers  # noqa: F401
+import share_lab
+from share_diffusers import read_share
+from share_diffusers.training import read_instance_images
+from share_lab import evaluation, world
+from share_lab.baselines import train_lora_baseline
 
-import share_diffusers  # noqa: E402,F401
-from share_diffusers import evaluation, read_share, world  # noqa: E402
-from share_diffusers.training import read_instance_images, train_lora_baseline  # noqa: E402
+ROOT = share_lab.ROOT
 
 METHODS = ("share", "lora", "naive", "joint")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--base", default=str(world.TINY_BASE))
+    p.add_argument("--base", default=str(share_lab.TINY_BASE))
     p.add_argument("--concepts", type=int, default=10, help="how many, in the order of --concepts_dir")
-    p.add_argument("--concepts_dir", default=str(world.CONCEPTS), help="concept folders with reference numbers")
+    p.add_argument("--concepts_dir", default=str(share_lab.CONCEPTS), help="concept folders with reference numbers")
     p.add_argument("--steps", type=int, default=400, help="training steps per concept, every method")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--lora_rank", type=int, default=4)

@@ -46,15 +46,13 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-import torch  # noqa: E402
-from diffusers import (  # noqa: E402
+import torch
+from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     EulerDiscreteScheduler,
@@ -62,19 +60,17 @@ from diffusers import (  # noqa: E402
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
-from transformers.initialization import no_init_weights  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers.initialization import no_init_weights
 
-import share_diffusers  # noqa: E402,F401  (installs pipe.load_share & co.)
-from share_diffusers.io import save_share  # noqa: E402
-from share_diffusers.lora import share_to_lora  # noqa: E402
-from share_diffusers.pipeline import pipeline_shapes  # noqa: E402
-from share_diffusers.processor import base_linear, find_targets, layer_shape  # noqa: E402
-from share_diffusers.subspace import LayerShare, ShareState  # noqa: E402
-from tests.tiny_pipelines import SDXL_UNET, tokenizer_dir  # noqa: E402  (the test suite's tiny SDXL UNet, offline tokenizer)
+import share_diffusers  # noqa: F401  (installs pipe.load_share & co.)
+from share_diffusers.io import save_share
+from share_diffusers.lora import share_to_lora
+from share_diffusers.subspace import LayerShare, ShareState
+from share_diffusers.targets import PROJECTIONS, base_linear, find_targets, layer_shape, pipeline_shapes
+from share_lab.tiny_pipelines import SDXL_UNET, tokenizer_dir  # the test suite's tiny SDXL UNet, offline tokenizer
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Share defaults of train/learn_concept.py: --basis_rank 16, --coef_rank 1, --num_extra_directions 2
 K, P, PHI = 16, 1, 2
@@ -161,8 +157,7 @@ def meta_shapes(arch: str) -> dict[str, tuple[int, int]]:
     shapes = {}
     for component in ARCHS[arch]:
         model = build_model(arch, component, meta=True)
-        kind = "unet" if component == "unet" else "text"
-        shapes.update({f"{component}.{n}": layer_shape(m) for n, m in find_targets(model, kind).items()})
+        shapes.update({f"{component}.{n}": layer_shape(m) for n, m in find_targets(model, component).items()})
     return shapes
 
 
@@ -415,7 +410,7 @@ def bench_switch(cfg, bench: Bench) -> dict:
         log(f"switch: LoRA hotswap: {hotswap:.2f} ms")
     except Exception as e:  # report, do not hide
         rows.append(dict(method="Diffusers hotswap", loaded=1, error=f"{type(e).__name__}: {e}"))
-    del pipe
+    pipe = None  # free the memory before the next measurement
     free()
 
     n_max = max(cfg.lora_counts)
@@ -496,7 +491,7 @@ def bench_compile(cfg, bench: Bench) -> dict:
             unet(*args, **kw)
         graphs_none = _graphs() - g2
     pipe.unload_share()
-    del pipe, unet
+    pipe = unet = None  # free the memory before the next measurement
     torch._dynamo.reset()
     free()
 
@@ -526,7 +521,7 @@ def bench_compile(cfg, bench: Bench) -> dict:
                 baseline[mode] = _graphs() - g
         except Exception as e:
             baseline[mode] = f"{type(e).__name__}: {e}"
-        del pipe, unet
+        pipe = unet = None  # free the memory before the next measurement
         torch._dynamo.reset()
         free()
 
@@ -629,7 +624,7 @@ def bench_inference(cfg, bench: Bench) -> dict:
             singles.append(share_unet(*a, **k).sample)
         mixed_err = ((mixed_out - torch.cat(singles)).abs().max() / mixed_out.abs().max()).item()
     pipe.unload_share()
-    del pipe, pipe_peft, unet_base, share_unet, peft_unet
+    pipe = pipe_peft = unet_base = share_unet = peft_unet = None  # free the memory before the next measurement
     free()
 
     r1, rf, rm = paired(one), paired(fused), paired(mixed)
@@ -680,7 +675,7 @@ def train_worker(spec: dict) -> dict:
         from peft import LoraConfig
 
         r = int(variant.split("-r")[1])
-        unet.add_adapter(LoraConfig(r=r, lora_alpha=r, init_lora_weights="gaussian", target_modules=UNET_TARGETS))
+        unet.add_adapter(LoraConfig(r=r, lora_alpha=r, init_lora_weights="gaussian", target_modules=list(PROJECTIONS["unet"])))
         params = [p for p in unet.parameters() if p.requires_grad]
     else:
         from share_diffusers.training import attach_new_concept
@@ -788,7 +783,7 @@ def bench_merge(cfg, bench: Bench) -> dict:
         rows.append(dict(concepts=C, median_s=times[C], runs=ts, merge_error_new=report["new"]["overall"],
                          max_merge_error_old=max(r["overall"] for n, r in report.items() if n != "new")))
         log(f"merge: {C} concepts: {times[C]:.3f} s")
-        del state, merged, report
+        state = report = None  # free the memory before the next measurement
     cs = sorted(times)
     slope = math.log(times[cs[-1]] / times[cs[-2]]) / math.log(cs[-1] / cs[-2])
     targets = [
@@ -918,7 +913,7 @@ def bench_archs(cfg, bench: Bench) -> dict:
                     and all(had_grad[i] for i, p in enumerate(params) if id(p) in unet_params))
         factors = concept_factors(trainers)
         detach_new_concept(comps)
-        del trainers, opt, params, before
+        trainers = opt = params = before = None  # free the memory before the next measurement
         free()
 
         # 2. merge it (and a second concept) into a Share state; save
@@ -936,7 +931,7 @@ def bench_archs(cfg, bench: Bench) -> dict:
         save_share(ShareState({n: l.select([0]) for n, l in state.layers.items()}, state.concepts[:1]), tmp / "one.safetensors")
         r["file_bytes_2_concepts"] = (tmp / "share.safetensors").stat().st_size
         r["file_bytes_per_concept_measured"] = r["file_bytes_2_concepts"] - (tmp / "one.safetensors").stat().st_size
-        del factors, other
+        factors = other = None  # free the memory before the next measurement
 
         # 3. load, select, fuse / unfuse, export
         with torch.no_grad():
@@ -948,7 +943,7 @@ def bench_archs(cfg, bench: Bench) -> dict:
             ehs_share = text_states(pipe, ids)[0]
             fused_diffs, restored = {}, True
             for c, m in comps.items():  # one component at a time: fusing keeps a copy of its adapted weights
-                weights = [base_linear(mod).weight for mod in find_targets(m, "unet" if c == "unet" else "text").values()]
+                weights = [base_linear(mod).weight for mod in find_targets(m, c).values()]
                 before_fp = fingerprint(weights)
                 t = time.perf_counter()
                 pipe.fuse_share(components=[c])
@@ -988,7 +983,7 @@ def bench_archs(cfg, bench: Bench) -> dict:
                                    f"{', '.join(r['trainable_tensors_without_gradient']) or 'none'})"))
         out[arch] = r
         log(f"archs: {ARCH_NAMES[arch]} done: " + json.dumps({k: v for k, v in r.items() if k not in ('storage',)}, default=str)[:600])
-        del pipe, unet, comps, base_out, share_out, lora_out, state, state0
+        pipe = unet = comps = base_out = share_out = lora_out = state = state0 = None  # free the memory before the next measurement
         free()
     setup = (f"UNet + text encoder(s) from benchmarks/configs, random weights, {cfg.arch_dtype_name} unless noted, latent "
              f"{cfg.arch_size}² ({8 * cfg.arch_size} px), one prompt of 77 tokens; training: the first concept "
@@ -1035,7 +1030,8 @@ def markdown(results: dict) -> str:
              "| section | measure | value | target | met | Share | baseline | note |", "|---|---|---|---|---|---|---|---|"]
     for t in results["targets"]:
         lines.append(f"| {t['section']} | {t['what']} | {fmt(t['value'])} | {t['goal']} | {'✅' if t['met'] else '❌'} | "
-                     f"{fmt(t['share']) if t['share'] is not None else ''} | {fmt(t['baseline']) if t['baseline'] is not None else ''} | {t['note']} |")
+                     f"{fmt(t['share']) if t['share'] is not None else ''} | "
+                     f"{fmt(t['baseline']) if t['baseline'] is not None else ''} | {t['note']} |")
     for name, sec in results["sections"].items():
         lines += ["", f"## {name}", "", f"*Setup:* {sec.get('setup', '')}", ""]
         for key in ("rows", "rows_overhead", "rows_mixed"):
@@ -1060,8 +1056,10 @@ def markdown(results: dict) -> str:
                           f"{r['exported_lora_vs_share_rel_to_effect']:.1e} of that effect; text encoder output to "
                           f"{r['exported_lora_text_vs_share_rel_diff']:.1e}",
                           "", "| per concept (UNet + text encoders, fp32) | Share (k=16, p=1) | LoRA r4 | LoRA r16 |", "|---|---|---|---|",
-                          f"| stored bytes | {s['share_bytes_per_concept'] / 1024:.1f} KiB (file grows {r['file_bytes_per_concept_measured'] / 1024:.1f} KiB) "
-                          f"+ shared basis {s['share_basis_bytes'] / 2**20:.1f} MiB once | {s['lora_r4_bytes'] / 2**20:.1f} MiB | {s['lora_r16_bytes'] / 2**20:.1f} MiB |",
+                          f"| stored bytes | {s['share_bytes_per_concept'] / 1024:.1f} KiB "
+                          f"(file grows {r['file_bytes_per_concept_measured'] / 1024:.1f} KiB) "
+                          f"+ shared basis {s['share_basis_bytes'] / 2**20:.1f} MiB once | {s['lora_r4_bytes'] / 2**20:.1f} MiB | "
+                          f"{s['lora_r16_bytes'] / 2**20:.1f} MiB |",
                           f"| trainable parameters | {s['share_trainable_default']:,} (φ={PHI}); {s['share_trainable_phi0']:,} (φ=0) | "
                           f"{s['lora_r4_trainable']:,} | {s['lora_r16_trainable']:,} |", ""]
     return "\n".join(lines) + "\n"

@@ -9,4 +9,4 @@ cd "$(dirname "$0")/.."
 py=.venv/bin/python
 $py -m pip install -q --disable-pip-version-check --upgrade pip
 $py -c "import torch" 2>/dev/null || $py -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
-$py -m pip install -q -c constraints.txt -e ".[train,app,test]"
+$py -m pip install -q -c constraints.txt -e ".[train,app,test]" -e ./lab

@@ -25,11 +25,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .io import ShareFileError, atomic_write, read_share, save_share
-from .processor import TEXT_PROJECTIONS, UNET_PROJECTIONS
 from .subspace import ShareState, balance
+from .targets import COMPONENTS, PROJECTIONS, kind, split_layer
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 _SUFFIX = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.[^.]+)?\.weight$")
 
 
@@ -110,7 +109,7 @@ def read_lora(path: str | os.PathLike) -> Factors:
                 continue
             module = m["module"].removeprefix("text_model.")
             pairs.setdefault(module, {})[m["side"]] = value.float()
-        targets = UNET_PROJECTIONS if component == "unet" else TEXT_PROJECTIONS
+        targets = PROJECTIONS[kind(component)]
         for module, pair in pairs.items():
             if not module.endswith(tuple("." + t for t in targets)) or set(pair) != {"A", "B"}:
                 skipped.append(f"{component}.{module}")
@@ -195,8 +194,8 @@ def write_lora(factors: Factors, output_path: str | os.PathLike) -> Path:
     """
     tensors = {}
     for layer, (B, A) in factors.items():
-        component, _, module = layer.partition(".")
-        if component != "unet":
+        component, module = split_layer(layer)
+        if kind(component) == "text":
             module = "text_model." + module
         tensors[f"{component}.{module}.lora_A.weight"] = A.mT.contiguous()
         tensors[f"{component}.{module}.lora_B.weight"] = B.contiguous()

@@ -22,10 +22,9 @@ import torch
 from diffusers import DiffusionPipeline
 
 from .io import ShareFileError, read_share, resolve_path
-from .processor import ShareAdapter, attach, detach, find_targets, layer_shape, replaced_processors
+from .processor import ShareAdapter, attach, detach, replaced_processors
 from .subspace import ShareState
-
-COMPONENT_KINDS = {"unet": "unet", "text_encoder": "text", "text_encoder_2": "text"}
+from .targets import COMPONENTS, pipeline_shapes, split_layer
 
 
 @dataclass(frozen=True)
@@ -35,21 +34,6 @@ class ShareConcept:
     name: str
     trigger: str | None
     prompt: str | None = None
-
-
-def model_shapes(models: dict[str, torch.nn.Module]) -> dict[str, tuple[int, int]]:
-    """Share's adaptable layers of some models: ``{"unet.<module>": (n, d), …}`` for ``{"unet": unet, …}``."""
-    return {
-        f"{component}.{name}": layer_shape(module)
-        for component, model in models.items()
-        for name, module in find_targets(model, COMPONENT_KINDS[component]).items()
-    }
-
-
-def pipeline_shapes(pipe, components=None) -> dict[str, tuple[int, int]]:
-    """Share's adaptable layers of a pipeline's UNet and text encoders (or of ``components``)."""
-    models = {c: getattr(pipe, c, None) for c in COMPONENT_KINDS if components is None or c in components}
-    return model_shapes({c: m for c, m in models.items() if m is not None})
 
 
 def check_compatible(file_shapes: dict, have: dict, source: str = "This Share file") -> None:
@@ -115,7 +99,7 @@ class ShareRuntime:
         self._warned_text = False
         by_component: dict[str, list[str]] = {}
         for name in state.layers:
-            component, _, module = name.partition(".")
+            component, module = split_layer(name)
             by_component.setdefault(component, []).append(module)
         try:
             for component, modules in by_component.items():
@@ -123,7 +107,7 @@ class ShareRuntime:
                 _refuse_sequential_offload(model, component)
                 layers = [state.layers[f"{component}.{m}"] for m in modules]
                 adapter = ShareAdapter(layers, device=model.device, dtype=model.dtype)
-                attach(model, COMPONENT_KINDS[component], modules, adapter)
+                attach(model, component, modules, adapter)
                 self.models[component] = model
                 if component == "unet":
                     self.handles.append(model.register_forward_pre_hook(self._unet_pre, with_kwargs=True))
@@ -231,7 +215,7 @@ class ShareRuntime:
         for model in self.models.values():
             detach(model)
         self.handles, self.models = [], {}
-        for component in COMPONENT_KINDS:  # a half-finished attach
+        for component in COMPONENTS:  # a half-finished attach
             model = getattr(self.pipe, component, None)
             if model is not None and hasattr(model, "share_adapter"):
                 detach(model)

@@ -16,46 +16,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from torch import Tensor, nn
 
 from .subspace import LayerShare, NewConcept, dense_delta, share_delta
+from .targets import PROJECTIONS, base_linear, find_targets, kind
 
-UNET_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
-TEXT_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 SUPPORTED_PROCESSORS = (AttnProcessor2_0, AttnProcessor)
-
-
-def base_linear(module: nn.Module) -> nn.Linear:
-    """The plain Linear under a PEFT wrapper (or the module itself)."""
-    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
-
-
-def find_targets(model: nn.Module, kind: str) -> dict[str, nn.Module]:
-    """Share's target modules of a model, by normalised name.
-
-    ``kind="unet"``: ``to_q/to_k/to_v/to_out.0`` of every diffusers `Attention`.
-    ``kind="text"``: ``self_attn.{q,k,v,out}_proj`` of a CLIP text encoder; a leading
-    ``text_model.`` is dropped so both transformers layouts share one naming.
-    """
-    targets = {}
-    if kind == "unet":
-        for name, module in model.named_modules():
-            if isinstance(module, Attention):
-                for proj in UNET_PROJECTIONS:
-                    sub = module.get_submodule(proj)
-                    if isinstance(base_linear(sub), nn.Linear):
-                        targets[f"{name}.{proj}"] = sub
-    else:
-        for name, module in model.named_modules():
-            parent, _, leaf = name.rpartition(".")
-            if leaf in TEXT_PROJECTIONS and parent.endswith("self_attn") and isinstance(base_linear(module), nn.Linear):
-                targets[name.removeprefix("text_model.")] = module
-    return targets
-
-
-def layer_shape(module: nn.Module) -> tuple[int, int]:
-    return tuple(base_linear(module).weight.shape)
 
 
 class ShareAdapter(nn.Module):
@@ -93,7 +60,7 @@ class ShareAdapter(nn.Module):
         self.fused = False  # the selection is folded into the weights
         self.trainer: NewConcept | None = None
         self.targets: list[nn.Module] = []  # the adapted modules, in layer order (plain list: not registered)
-        self.processors: list[tuple[str, nn.Module, "ShareAttnProcessor"]] = []  # (name, Attention, ours)
+        self.processors: list[tuple[str, nn.Module, ShareAttnProcessor]] = []  # (name, Attention, ours)
         self._refresh_views()
 
     def _refresh_views(self) -> None:
@@ -247,21 +214,22 @@ class ShareAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def attach(model: nn.Module, kind: str, names: list[str], adapter: ShareAdapter) -> None:
-    """Register ``adapter`` on ``model`` and route the layers ``names`` (in adapter order) through it.
+def attach(model: nn.Module, component: str, names: list[str], adapter: ShareAdapter) -> None:
+    """Register ``adapter`` on ``model`` (the pipeline's ``component``) and route its layers ``names``
+    (module names, in adapter order) through it.
 
     Raises before changing anything if a layer is missing or an attention module uses a
     processor Share cannot extend (IP-Adapter, fused QKV, …): silently dropping either would
     give wrong images.
     """
-    targets = find_targets(model, kind)
+    targets = find_targets(model, component)
     missing = [n for n in names if n not in targets]
     if missing:
-        raise ValueError(f"Share layers not found in the {kind} model: {missing[:3]}")
+        raise ValueError(f"Share layers not found in the {component}: {missing[:3]}")
     adapter.targets = [targets[n] for n in names]
     for name, module in zip(names, adapter.targets):
         module._share_name = name
-    if kind == "unet":
+    if kind(component) == "unet":
         by_attention: dict[str, dict[str, int]] = {}
         for i, name in enumerate(names):
             owner, proj = _split_projection(name)
@@ -288,10 +256,10 @@ def attach(model: nn.Module, kind: str, names: list[str], adapter: ShareAdapter)
 
 
 def _split_projection(name: str) -> tuple[str, str]:
-    for proj in UNET_PROJECTIONS:
+    for proj in PROJECTIONS["unet"]:
         if name.endswith("." + proj):
             return name[: -len(proj) - 1], proj
-    raise ValueError(f"{name} is not an attention projection ({', '.join(UNET_PROJECTIONS)}).")
+    raise ValueError(f"{name} is not an attention projection ({', '.join(PROJECTIONS['unet'])}).")
 
 
 def _text_hook(adapter: ShareAdapter, i: int):

@@ -93,7 +93,7 @@ def balance(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
 class MergeResult:
     """What a merge did to one layer: the new layer and, per concept, ``‖ΔW‖²`` and ``‖ΔW − ΔŴ‖²``."""
 
-    layer: "LayerShare"
+    layer: LayerShare
     norm2: Tensor
     err2: Tensor
 
@@ -134,7 +134,7 @@ class LayerShare:
     A: Tensor
 
     @classmethod
-    def empty(cls, n: int, d: int, p: int = 1, dtype: torch.dtype = torch.float32) -> "LayerShare":
+    def empty(cls, n: int, d: int, p: int = 1, dtype: torch.dtype = torch.float32) -> LayerShare:
         z = lambda *s: torch.zeros(*s, dtype=dtype)  # noqa: E731
         return cls(z(n, 0), z(d, 0), z(0, 0, p), z(0, 0, p))
 
@@ -162,7 +162,7 @@ class LayerShare:
         """Concept ``c`` as ordinary low-rank factors ``(U B_c, V A_c)``: ΔW = first @ secondᵀ."""
         return self.U @ self.B[c], self.V @ self.A[c]
 
-    def select(self, keep: list[int]) -> "LayerShare":
+    def select(self, keep: list[int]) -> LayerShare:
         return LayerShare(self.U, self.V, self.B[keep], self.A[keep])
 
     def merge(
@@ -235,7 +235,7 @@ class ShareState:
     concepts: list[dict] = field(default_factory=list)
 
     @classmethod
-    def empty(cls, shapes: dict[str, tuple[int, int]], dtype: torch.dtype = torch.float32) -> "ShareState":
+    def empty(cls, shapes: dict[str, tuple[int, int]], dtype: torch.dtype = torch.float32) -> ShareState:
         return cls({name: LayerShare.empty(n, d, dtype=dtype) for name, (n, d) in shapes.items()})
 
     @property
@@ -271,7 +271,7 @@ class ShareState:
         k_max: int = 64,
         energy: float | None = None,
         normalize: bool = True,
-    ) -> tuple["ShareState", dict[str, dict]]:
+    ) -> tuple[ShareState, dict[str, dict]]:
         """Fold new concepts (``{name: {layer: (B̂ n×p, Â d×p)}}``) in; every layer is refit.
 
         Returns the new state and a report ``{concept: {"overall": e, "layers": {layer: e}}}``
@@ -318,14 +318,14 @@ class ShareState:
             concepts[i]["merge_errors"].append(round(overall[i], 8))
         return ShareState(layers, concepts), report
 
-    def remove(self, name: str, k_max: int = 64, energy: float | None = None) -> tuple["ShareState", dict]:
+    def remove(self, name: str, k_max: int = 64, energy: float | None = None) -> tuple[ShareState, dict]:
         """Drop a concept and refit the basis to the remaining ones (a merge with nothing new)."""
         i = self.index(name)
         keep = [j for j in range(len(self.concepts)) if j != i]
         rest = ShareState({n: l.select(keep) for n, l in self.layers.items()}, [self.concepts[j] for j in keep])
         return rest.merge(k_max=k_max, energy=energy)
 
-    def rename(self, old: str, new: str) -> "ShareState":
+    def rename(self, old: str, new: str) -> ShareState:
         if new in self.names:
             raise ValueError(f"A concept named {new!r} already exists.")
         i = self.index(old)

@@ -1,8 +1,8 @@
 """Pieces every trainer here shares: reading a concept's images, the data pipeline, the denoising loss,
 and attaching a new concept's trainable parametrisation to the models.
 
-``train/learn_concept.py`` (Share, with Accelerate) and the LoRA baselines of the benchmarks use
-the same functions, so "same data, same loss, same steps" holds by construction.
+``train/learn_concept.py`` (Share, with Accelerate) and the LoRA baselines of the lab
+(``share_lab.baselines``) use the same functions, so "same data, same loss, same steps" holds by construction.
 """
 
 from __future__ import annotations
@@ -15,10 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers.image_processor import VaeImageProcessor
 from PIL import Image, ImageOps
 
 from .processor import ShareAdapter, attach, detach
-from .subspace import NewConcept, ShareState
+from .subspace import LayerShare, NewConcept, ShareState
+from .targets import split_layer
 
 IGNORED_SUFFIXES = {".txt", ".json", ".md", ".caption"}
 MAX_IMAGE_PIXELS = 64_000_000
@@ -140,6 +143,39 @@ def denoising_loss(unet, noise_scheduler, latents, encoder_hidden_states, num_cl
     return loss
 
 
+LOSS_TIMESTEPS = tuple(range(50, 1000, 100))  # 50, 150, ..., 950: the fixed timesteps of heldout_loss
+
+
+@torch.no_grad()
+def heldout_loss(pipe, images, captions: list[str], seed: int = 0, timesteps=LOSS_TIMESTEPS,
+                 cross_attention_kwargs: dict | None = None) -> float:
+    """Mean denoising MSE of the pipeline on (images, captions), with fixed timesteps and noises.
+
+    Why: a generative model that has learned a concept predicts the noise on unseen images of it
+    better. Everything random is fixed by `seed`, so two adapters are compared on identical
+    problems and a repeated call returns the same number.
+    """
+    device = pipe.unet.device
+    pixels = VaeImageProcessor(do_resize=False).preprocess([im.convert("RGB") for im in images])
+    latents = pipe.vae.encode(pixels.to(device, pipe.vae.dtype)).latent_dist.mean
+    latents = latents * pipe.vae.config.scaling_factor
+    text = pipe.encode_prompt(captions, device, 1, False)[0]
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the forward process only
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    for t in timesteps:
+        noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+        t = torch.full((len(latents),), t, device=device)
+        if noise_scheduler.config.prediction_type == "v_prediction":
+            target = noise_scheduler.get_velocity(latents, noise, t)
+        else:
+            target = noise
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        prediction = pipe.unet(noisy, t, text, cross_attention_kwargs=cross_attention_kwargs).sample
+        losses.append(F.mse_loss(prediction.float(), target.float()).item())
+    return float(np.mean(losses))
+
+
 def encode_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
     ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
     return text_encoder(ids.to(next(text_encoder.parameters()).device))[0]
@@ -164,9 +200,9 @@ def attach_new_concept(models: dict, state: ShareState, p: int, phi: int, seed: 
     """
     trainers = {}
     for component, model in models.items():
-        names = [n for n in state.layers if n.partition(".")[0] == component]
+        names = [n for n in state.layers if split_layer(n)[0] == component]
         adapter = ShareAdapter([state.layers[n] for n in names], device=model.device, dtype=model.dtype)
-        attach(model, "unet" if component == "unet" else "text", [n.partition(".")[2] for n in names], adapter)
+        attach(model, component, [split_layer(n)[1] for n in names], adapter)
         adapter.trainer = NewConcept(state, p=p, phi=phi, seed=seed, layers=names).to(model.device)
         trainers[component] = adapter.trainer
     return trainers
@@ -187,67 +223,9 @@ def concept_factors(trainers: dict[str, NewConcept]) -> dict[str, tuple[torch.Te
 
 def with_layers(state: ShareState, shapes: dict[str, tuple[int, int]]) -> ShareState:
     """``state`` plus empty layers for ``shapes`` it does not adapt yet (old concepts: zero there)."""
-    from .subspace import LayerShare
-
     layers = dict(state.layers)
     C = len(state.concepts)
     for name, (n, d) in shapes.items():
         if name not in layers:
             layers[name] = LayerShare(torch.zeros(n, 0), torch.zeros(d, 0), torch.zeros(C, 0, 1), torch.zeros(C, 0, 1))
     return ShareState(layers, state.concepts)
-
-
-# -- the LoRA baseline --------------------------------------------------------------------------
-
-
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-
-
-def train_lora_baseline(pipe, adapter_name: str, examples: list[Example], steps: int, lr: float, batch_size: int = 4,
-                        rank: int = 4, seed: int = 0, center_crop: bool = True) -> dict[str, torch.Tensor]:
-    """Train a PEFT LoRA (``lora_alpha = rank``) on the UNet's attention projections, the yardstick
-    Share is measured against; returns its state dict in Diffusers format (``save_lora_weights``).
-
-    Same data pipeline, loss, batch size, optimizer and clipping as ``learn_concept.py``. A new
-    adapter is added, or an existing ``adapter_name`` keeps training (naive sequential fine-tuning).
-    The base stays frozen and the adapter stays active on ``pipe``.
-    """
-    from diffusers import DDPMScheduler
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    unet = pipe.unet
-    if adapter_name not in getattr(unet, "peft_config", {}):
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
-            unet.add_adapter(config, adapter_name=adapter_name)
-    unet.set_adapter(adapter_name)
-    unet.requires_grad_(False)
-    params = [p for name, p in unet.named_parameters() if f".{adapter_name}." in name and "lora_" in name]
-    for p in params:
-        p.requires_grad_(True)
-    dataset = ConceptDataset(examples, pipe.unet.config.sample_size * pipe.vae_scale_factor, center_crop=center_crop, seed=seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate,
-                                         generator=torch.Generator().manual_seed(seed))
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
-    step, epoch = 0, 0
-    while step < steps:
-        dataset.set_epoch(epoch)
-        for batch in loader:
-            with torch.no_grad():
-                latents = latent_dist(pipe.vae, batch["pixel_values"]).sample(generator) * pipe.vae.config.scaling_factor
-                text = encode_text(pipe.tokenizer, pipe.text_encoder, batch["captions"])
-            denoising_loss(unet, noise_scheduler, latents, text, generator=generator).backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step(), optimizer.zero_grad()
-            step += 1
-            if step == steps:
-                break
-        epoch += 1
-    for p in params:
-        p.requires_grad_(False)
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))

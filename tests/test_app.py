@@ -1,4 +1,4 @@
-"""The web UI end to end: `python app/app.py` started on a free port of 127.0.0.1, driven by a real
+"""The web UI end to end: `share-studio` (the console entry point) started on a free port of 127.0.0.1, driven by a real
 headless Chromium (Playwright, sync API) and by gradio_client. Offline; torn down at the end with
 a check that no process (server or learn job) is left behind.
 
@@ -22,23 +22,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY_BASE = ROOT / "assets" / "tiny-base"
-DEMO_SHARE = ROOT / "assets" / "demo.share.safetensors"
-CONCEPTS = ROOT / "assets" / "concepts"
+from share_lab import CONCEPTS, DEMO_SHARE, ROOT, TINY_BASE
+
 SCREENSHOT = ROOT / "docs" / "images" / "ui.png"
+STUDIO = Path(sys.executable).parent / "share-studio"  # the console entry point pyproject.toml installs
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 PROMPT = "a photo of {trigger}"
 STEPS = 10
 
-pytest.importorskip("gradio_client")
-from gradio_client import Client, handle_file
-from gradio_client.exceptions import AppError
 
 # -- the server ------------------------------------------------------------------------------------
 
@@ -93,8 +91,7 @@ class Server:
             self.share_source = "random concepts"
             from diffusers import DiffusionPipeline
 
-            sys.path.insert(0, str(ROOT / "tests"))
-            from tiny_pipelines import random_share
+            from share_lab.tiny_pipelines import random_share
 
             random_share(DiffusionPipeline.from_pretrained(self.base, local_files_only=True), self.share,
                          names=("cat", "dog", "owl"))
@@ -108,7 +105,7 @@ class Server:
         env.setdefault("OMP_NUM_THREADS", "1")
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, str(ROOT / "app" / "app.py"), "--base", str(self.base), "--share", str(self.share),
+                [str(STUDIO), "--base", str(self.base), "--share", str(self.share),
                  "--outputs", str(self.outputs), "--port", str(self.port), "--device", "cpu"],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tmp, env=env, start_new_session=True)
         deadline = time.time() + 180

@@ -1,7 +1,8 @@
-"""The web UI's engine (app/studio.py), in-process on a tiny pipeline: input checks, selections,
+"""The web UI's engine (app/engine.py, app/validation.py, app/files.py), in-process on a tiny pipeline: input checks, selections,
 PNG metadata, reloading, rename/delete/export. Fast; the server and the browser are tests/test_app.py."""
 
 import hashlib
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -11,23 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from tiny_pipelines import random_share, tiny_sd
-
 import share_diffusers
-from app.studio import (
-    Studio,
-    UserError,
-    check_concept_name,
-    check_images,
-    check_trigger,
-    normalize_selection,
-    read_png_metadata,
-)
+import share_lab
+from app.engine import Studio
+from app.files import read_png_metadata
+from app.validation import UserError, check_concept_name, check_images, check_trigger, normalize_selection
+from share_lab.tiny_pipelines import random_share, tiny_sd
 
-CONCEPT_IMAGES = sorted((ROOT / "assets" / "concepts").glob("*/train/*.png"))
+CONCEPT_IMAGES = sorted(share_lab.CONCEPTS.glob("*/train/*.png"))
 
 
 @pytest.fixture(scope="module")
@@ -317,10 +309,19 @@ def test_bad_learn_requests_write_nothing(studio, tmp_path):
         assert studio.job is None
 
 
-def test_the_command_line_refuses_a_missing_base_or_a_file_for_another_base(base, tmp_path):
-    from tiny_pipelines import tiny_sdxl
+@pytest.mark.parametrize("command", [["share-studio"], ["python", "-m", "app"]])
+def test_the_web_ui_starts_from_its_console_entry_point_and_as_a_module(command, tmp_path):
+    """``share-studio`` is what pyproject.toml installs; ``python -m app`` works from the checkout."""
+    bin_dir = Path(sys.executable).parent
+    exe = [str(bin_dir / command[0])] if command[0] == "share-studio" else [sys.executable, *command[1:]]
+    out = subprocess.run([*exe, "--help"], capture_output=True, text=True, cwd=share_lab.ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--base" in out.stdout and "--share" in out.stdout
 
-    from app.app import main
+
+def test_the_command_line_refuses_a_missing_base_or_a_file_for_another_base(base, tmp_path):
+    from app.ui import main
+    from share_lab.tiny_pipelines import tiny_sdxl
 
     with pytest.raises(SystemExit, match="not a Diffusers pipeline folder.*--base"):
         main(["--base", str(tmp_path / "nowhere"), "--share", str(tmp_path / "s.safetensors"), "--outputs", str(tmp_path)])

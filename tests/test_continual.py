@@ -2,15 +2,11 @@
 the outputs are written, and runs of different settings refuse to combine."""
 
 import json
-import sys
 
 import numpy as np
 import pytest
 
-from share_diffusers import world
-
-sys.path.insert(0, str(world.ASSETS.parent / "benchmarks"))
-import continual  # noqa: E402
+from benchmarks import continual
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,14 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from share_diffusers import evaluation, world
+import share_lab
+from share_lab import evaluation, world
 
 FAST = dict(steps=10)  # enough steps for recognisable images, short enough for the test budget
 
 
 def load_base() -> StableDiffusionPipeline:
-    pipe = StableDiffusionPipeline.from_pretrained(world.TINY_BASE, local_files_only=True)
+    pipe = StableDiffusionPipeline.from_pretrained(share_lab.TINY_BASE, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -31,7 +32,7 @@ def base():
 @pytest.fixture(scope="module")
 def concepts():
     """Two concepts that share neither pattern nor silhouette, so one's adapter barely draws the other."""
-    return [world.load_concept(world.CONCEPTS / name) for name in ("checkered-blob-02", "ringed-star-07")]
+    return [world.load_concept(share_lab.CONCEPTS / name) for name in ("checkered-blob-02", "ringed-star-07")]
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +112,7 @@ def test_drift_is_zero_for_the_base_and_large_for_a_damaged_model(base, concepts
 def test_untrained_base_cannot_draw_a_concept_but_its_lora_can(base, classifier):
     # the concept whose reference LoRA draws it best (stored by train_reference_loras.py): 400 steps
     # of rank 4 on 5 images leave some reference LoRAs below 0.2 identity, see the README
-    concept = max(world.list_concepts(world.CONCEPTS),
+    concept = max(world.list_concepts(share_lab.CONCEPTS),
                   key=lambda c: c.metadata["evaluation"]["reference_generation"]["identity"])
     assert evaluation.identity_accuracy(base, concept, classifier=classifier, n=8, **FAST) <= 0.25
     assert evaluation.identity_accuracy(with_lora(concept), concept, classifier=classifier, n=8, **FAST) >= 0.5
@@ -124,7 +125,7 @@ def test_analytic_checks_read_ground_truth_renders():
         assert evaluation.background_colour(image) == scene.background
         assert evaluation.object_colour(image) == scene.colour
         assert evaluation.object_position(image) == scene.position
-    for concept in world.list_concepts(world.CONCEPTS):
+    for concept in world.list_concepts(share_lab.CONCEPTS):
         for sample in concept.heldout[:5]:
             wanted = world.parse_caption(sample.caption)
             assert evaluation.prompt_following([sample.image], [sample.caption]) == {"background": 1, "position": 1}, wanted
@@ -133,7 +134,7 @@ def test_analytic_checks_read_ground_truth_renders():
 def test_classifier_names_fresh_renders(classifier):
     rng = np.random.default_rng(123)
     scenes = [world.random_scene(rng) for _ in range(40)]
-    folders = world.list_concepts(world.CONCEPTS)
+    folders = world.list_concepts(share_lab.CONCEPTS)
     renders = [s.render(rng) for s in scenes]
     truth = [s.shape for s in scenes]
     for folder in folders:

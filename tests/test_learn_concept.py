@@ -16,7 +16,7 @@ import torch
 
 import share_diffusers  # noqa: F401
 from share_diffusers import read_share, share_to_lora
-from share_diffusers.pipeline import pipeline_shapes
+from share_diffusers.targets import pipeline_shapes
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "assets" / "tiny-base"
@@ -71,7 +71,8 @@ def test_a_second_concept_changes_the_first_only_by_re_projection(tmp_path):
 
 
 def test_resume_from_a_checkpoint_continues_the_same_run(tmp_path):
-    args = ["--max_train_steps", "6", "--checkpointing_steps", "4", "--train_batch_size", "2", "--random_flip", "--report_to", "none", "--num_validation_images", "1"]
+    args = ["--max_train_steps", "6", "--checkpointing_steps", "4", "--train_batch_size", "2", "--random_flip",
+            "--report_to", "none", "--num_validation_images", "1"]
     folder = concept(2) / "train"
     launch("--instance_data_dir", folder, "--share_path", tmp_path / "full.safetensors", "--output_dir", tmp_path / "full", *args)
     (tmp_path / "resumed").mkdir()
@@ -131,8 +132,7 @@ def test_bad_inputs_are_clear_errors_and_leave_the_share_file_untouched(tmp_path
     shutil.copytree(concept(5) / "train", broken)
     (broken / "notes.png").write_text("this is not an image")
     (broken / "bad.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    sys.path.insert(0, str(ROOT / "tests"))
-    from tiny_pipelines import random_share, tiny_sd
+    from share_lab.tiny_pipelines import random_share, tiny_sd
 
     random_share(tiny_sd(), tmp_path / "other.safetensors")
     cases = [

@@ -8,8 +8,8 @@ from safetensors.torch import save_file
 
 import share_diffusers  # noqa: F401
 from share_diffusers import loras_to_share, read_lora, read_share, share_to_lora
-from share_diffusers.pipeline import pipeline_shapes
-from tiny_pipelines import tiny_sd
+from share_diffusers.targets import pipeline_shapes
+from share_lab.tiny_pipelines import tiny_sd
 
 
 def random_lora(shapes, rank, seed):

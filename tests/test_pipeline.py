@@ -8,8 +8,8 @@ from safetensors.torch import save_file
 
 import share_diffusers  # noqa: F401  (installs pipe.load_share & co.)
 from share_diffusers import ShareFileError
-from share_diffusers.processor import base_linear, find_targets
-from tiny_pipelines import random_share, tiny_sd, tiny_sdxl
+from share_diffusers.targets import base_linear, find_targets
+from share_lab.tiny_pipelines import random_share, tiny_sd, tiny_sdxl
 
 BUILDERS = {"sd": tiny_sd, "sdxl": tiny_sdxl}
 
@@ -37,10 +37,10 @@ def unet_inputs(pipe, batch=2, seed=0):
     return (sample, torch.tensor(10), ehs), kw
 
 
-def dense_copy(model, state, kind, component, mix):
+def dense_copy(model, state, component, mix):
     """A copy of ``model`` with the dense ΔW of ``mix`` added to every adapted weight."""
     model = copy.deepcopy(model)
-    for name, module in find_targets(model, kind).items():
+    for name, module in find_targets(model, component).items():
         with torch.no_grad():
             base_linear(module).weight += state.delta(f"{component}.{name}", mix).float()
     return model
@@ -68,13 +68,13 @@ def test_selection_equals_adding_the_dense_delta(pipe, tmp_path, mix):
     state = random_share(pipe, tmp_path / "s.safetensors")
     args, kw = unet_inputs(pipe)
     ids = torch.randint(0, 500, (2, 77))
-    components = [("unet", "unet")] + [(c, "text") for c in ("text_encoder", "text_encoder_2") if hasattr(pipe, c)]
-    dense = {c: dense_copy(getattr(pipe, c), state, kind, c, mix) for c, kind in components}
+    components = ["unet"] + [c for c in ("text_encoder", "text_encoder_2") if hasattr(pipe, c)]
+    dense = {c: dense_copy(getattr(pipe, c), state, c, mix) for c in components}
     pipe.load_share(tmp_path / "s.safetensors")
     pipe.set_share_concepts(mix if len(mix) > 1 else next(iter(mix)))
     with torch.no_grad():
         assert (pipe.unet(*args, **kw).sample - dense["unet"](*args, **kw).sample).abs().max() <= 1e-5
-        for c, kind in components[1:]:
+        for c in components[1:]:
             got, want = getattr(pipe, c)(ids).last_hidden_state, dense[c](ids).last_hidden_state
             assert (got - want).abs().max() <= 1e-5
 

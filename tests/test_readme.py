@@ -2,9 +2,9 @@
 
 import re
 
-from share_diffusers import world
+import share_lab
 
-ROOT = world.ASSETS.parent
+ROOT = share_lab.ROOT
 
 
 def test_ci_runs_exactly_the_readme_test_command():

@@ -1,7 +1,7 @@
 """The math core against dense linear algebra: delta, training init, merge, errors."""
 
-import torch
 import pytest
+import torch
 
 from share_diffusers.subspace import LayerShare, NewConcept, ShareState, balance, share_delta
 

@@ -7,19 +7,15 @@ in-place delta) and that the benchmark measures what it claims to.
 
 import json
 import random
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import share_diffusers  # noqa: F401
+from benchmarks import systems
 from share_diffusers.subspace import LayerShare, NewConcept, ShareState, share_delta
-from tiny_pipelines import random_share, tiny_sd
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import systems  # noqa: E402
+from share_lab.tiny_pipelines import random_share, tiny_sd
 
 
 @pytest.fixture(autouse=True)
@@ -97,7 +93,7 @@ def test_a_switch_touches_only_the_selected_concepts_and_never_walks_the_model(t
         walks = []
         for method in ("named_modules", "named_children"):
             original = getattr(torch.nn.Module, method)
-            monkeypatch.setattr(torch.nn.Module, method, lambda self, *a, _f=original, **k: walks.append(1) or _f(self, *a, **k))
+            monkeypatch.setattr(torch.nn.Module, method, lambda self, *a, _f=original, _w=walks, **k: _w.append(1) or _f(self, *a, **k))
         with FlopCounterMode(display=False) as fc:
             pipe.set_share_concepts({"c1": 0.5, "c2": 0.5})
         monkeypatch.undo()

@@ -5,16 +5,24 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline, UniPCMultistepScheduler)
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UniPCMultistepScheduler,
+)
 from diffusers.models.attention_processor import Attention
 
-from share_diffusers import world
+import share_lab
+from share_lab import world
 
 
 @pytest.fixture(scope="module")
 def pipe():
-    pipe = StableDiffusionPipeline.from_pretrained(world.TINY_BASE, local_files_only=True)
+    pipe = StableDiffusionPipeline.from_pretrained(share_lab.TINY_BASE, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -31,7 +39,7 @@ def test_every_caption_word_and_trigger_is_one_token(pipe):
 
 
 def test_tokenizer_sources_are_hand_written_bpe_files():
-    folder = world.TINY_BASE / "tokenizer"
+    folder = share_lab.TINY_BASE / "tokenizer"
     assert (folder / "merges.txt").read_text().splitlines()[0] == "#version: 0.2"
     vocab = json.loads((folder / "vocab.json").read_text())
     assert {t + "</w>" for t in world.TRIGGER_WORDS} <= set(vocab)
@@ -58,5 +66,5 @@ def test_attention_is_standard_and_wide(pipe):
 
 def test_fp32_and_within_size_budget(pipe):
     assert all(p.dtype == torch.float32 for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters())
-    total = sum(f.stat().st_size for f in world.ASSETS.rglob("*.safetensors"))  # every shipped weight
+    total = sum(f.stat().st_size for f in share_lab.ASSETS.rglob("*.safetensors"))  # every shipped weight
     assert total <= 20_000_000, f"assets/ holds {total / 1e6:.1f} MB of weights"

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from share_diffusers import world
+import share_lab
+from share_lab import world
 
 
 def pixels(image) -> np.ndarray:
@@ -24,7 +25,7 @@ def test_same_seed_same_pixels_different_seed_different_pixels():
 
 
 def test_shipped_concepts_are_what_the_generator_makes():
-    shipped = world.list_concepts(world.CONCEPTS)
+    shipped = world.list_concepts(share_lab.CONCEPTS)
     assert len(shipped) >= 10
     for folder in shipped:
         concept = folder.generator()
@@ -36,7 +37,7 @@ def test_shipped_concepts_are_what_the_generator_makes():
 
 
 def test_concept_folders_have_captioned_train_and_heldout_images():
-    for folder in world.list_concepts(world.CONCEPTS):
+    for folder in world.list_concepts(share_lab.CONCEPTS):
         assert 3 <= len(folder.train) <= 10 and len(folder.heldout) >= 15
         for sample in folder.train + folder.heldout:
             assert sample.image.size == (world.RESOLUTION, world.RESOLUTION)

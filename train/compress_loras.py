@@ -8,13 +8,10 @@ folder, or a PEFT adapter folder), in Diffusers, PEFT or kohya key style.
 """
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from share_diffusers import loras_to_share  # noqa: E402
-from share_diffusers.io import ShareFileError  # noqa: E402
+from share_diffusers import loras_to_share
+from share_diffusers.io import ShareFileError
 
 
 def lora_inputs(paths: list[str]) -> list[Path]:

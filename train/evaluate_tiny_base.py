@@ -23,7 +23,8 @@ from diffusers import StableDiffusionPipeline
 from diffusers.utils import make_image_grid
 from PIL import Image
 
-from share_diffusers import evaluation, world
+import share_lab
+from share_lab import evaluation, world
 
 
 def timing(pipe, repeats: int = 3) -> float:
@@ -47,8 +48,8 @@ def grid(images, columns: int, scale: int = 2) -> Image.Image:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--base", type=Path, default=world.TINY_BASE)
-    parser.add_argument("--concepts", type=Path, default=world.CONCEPTS)
+    parser.add_argument("--base", type=Path, default=share_lab.TINY_BASE)
+    parser.add_argument("--concepts", type=Path, default=share_lab.CONCEPTS)
     parser.add_argument("--n", type=int, default=200, help="held-out base prompts")
     parser.add_argument("--images", type=Path, default=Path("docs/images"))
     args = parser.parse_args()

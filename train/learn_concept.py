@@ -17,9 +17,8 @@ import json
 import logging
 import math
 import shutil
-import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -32,16 +31,13 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPTextModel
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from share_diffusers import ShareFileError, ShareState, read_share, save_share  # noqa: E402
-from share_diffusers.evaluation import heldout_loss  # noqa: E402
-from share_diffusers.io import atomic_write, write_model_card  # noqa: E402
-from share_diffusers.lora import write_lora  # noqa: E402
-from share_diffusers.pipeline import check_compatible, model_shapes  # noqa: E402
-from share_diffusers.subspace import balance  # noqa: E402
-from share_diffusers.training import (  # noqa: E402
+from share_diffusers import ShareFileError, ShareState, read_share, save_share
+from share_diffusers.io import atomic_write, write_model_card
+from share_diffusers.lora import write_lora
+from share_diffusers.pipeline import check_compatible
+from share_diffusers.subspace import balance
+from share_diffusers.targets import model_shapes
+from share_diffusers.training import (
     ConceptDataset,
     attach_new_concept,
     collate,
@@ -49,12 +45,15 @@ from share_diffusers.training import (  # noqa: E402
     denoising_loss,
     detach_new_concept,
     encode_text,
+    heldout_loss,
     latent_dist,
     prepare_image,
     read_instance_images,
     steps_per_epoch,
     with_layers,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 logger = get_logger(__name__)
 DEMO_CONCEPT = ROOT / "assets" / "concepts" / "striped-blob-00"
@@ -315,7 +314,7 @@ def main(args) -> dict | None:
                     if args.validation_steps and global_step % args.validation_steps == 0:
                         preview = build_pipeline(args, base, unet, text_encoder, vae, tokenizer)
                         image = generate_validation(preview, args, heldout, count=1)[0]
-                        atomic_write(output_dir / "preview.png", lambda tmp: image.save(tmp, format="PNG"))
+                        atomic_write(output_dir / "preview.png", lambda tmp, image=image: image.save(tmp, format="PNG"))
                 if global_step % args.checkpointing_steps == 0:
                     save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
             if global_step >= max_steps:
@@ -455,7 +454,7 @@ def finish(args, accelerator, pipe, old_state, factors, heldout, trained_loss, e
     output_dir.mkdir(parents=True, exist_ok=True)
     meta = {
         "trigger": args.trigger, "prompt": args.instance_prompt, "steps": steps,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "num_images": len(examples),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"), "num_images": len(examples),
         "coef_rank": args.coef_rank, "num_extra_directions": args.num_extra_directions,
         "heldout_data_dir": str(Path(args.heldout_data_dir).resolve()) if args.heldout_data_dir else None,
     }

@@ -12,12 +12,13 @@ Evaluation numbers already in a concept.json (written by train_reference_loras.p
 import argparse
 from pathlib import Path
 
-from share_diffusers import world
+import share_lab
+from share_lab import world
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output", type=Path, default=world.CONCEPTS)
+    parser.add_argument("--output", type=Path, default=share_lab.CONCEPTS)
     parser.add_argument("--count", type=int, default=12, help=f"at most {len(world.TRIGGER_WORDS)} (one trigger word each)")
     parser.add_argument("--world-seed", type=int, default=0)
     parser.add_argument("--train", type=int, default=5, help="training images per concept")

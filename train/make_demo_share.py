@@ -14,24 +14,25 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import share_lab
+from share_diffusers import read_share
+from share_lab import world
 
-from share_diffusers import read_share, world  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", default=str(world.TINY_BASE))
+    p.add_argument("--base", default=str(share_lab.TINY_BASE))
     p.add_argument("--concepts", nargs="+", default=["striped-blob-00", "dotted-star-05", "checkered-blob-02", "ringed-star-07"])
     p.add_argument("--work_dir", default=str(ROOT / "outputs" / "demo-share"))
-    p.add_argument("--out", default=str(world.ASSETS / "demo.share.safetensors"))
+    p.add_argument("--out", default=str(share_lab.ASSETS / "demo.share.safetensors"))
     args, learn_args = p.parse_known_args(argv)
 
     work = Path(args.work_dir)
     shutil.rmtree(work, ignore_errors=True)
     share = work / "share.safetensors"
-    for concept in [world.load_concept(world.CONCEPTS / name) for name in args.concepts]:
+    for concept in [world.load_concept(share_lab.CONCEPTS / name) for name in args.concepts]:
         print(f"== learning {concept.name} ({concept.trigger})", flush=True)
         subprocess.run([sys.executable, str(ROOT / "train" / "learn_concept.py"), "--pretrained_model_name_or_path", args.base,
                         "--instance_data_dir", str(concept.path / "train"), "--share_path", str(share),

@@ -33,13 +33,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from share_diffusers import world
+from share_lab import world
 
 # DDPM's linear schedule, not Stable Diffusion's scaled_linear: on 16x16 latents SD's schedule keeps
 # a signal-to-noise ratio near 1 for each channel's mean at t = T, so the model learned to take the

@@ -7,7 +7,6 @@ of the batch uses its own concept).
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -15,10 +14,9 @@ from diffusers import StableDiffusionPipeline
 from diffusers.utils import make_image_grid
 from PIL import ImageDraw
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import share_diffusers  # noqa: F401  (adds pipe.load_share)
 
-import share_diffusers  # noqa: E402,F401  (adds pipe.load_share)
+ROOT = Path(__file__).resolve().parent.parent
 
 CONTEXTS = [("blue", "center"), ("white", "top left"), ("green", "bottom right"), ("black", "top right")]
 

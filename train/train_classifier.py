@@ -23,8 +23,9 @@ from diffusers.optimization import get_scheduler
 from PIL import ImageFilter
 from safetensors.torch import save_file
 
-from share_diffusers import world
-from share_diffusers.evaluation import IdentityClassifier, to_batch
+import share_lab
+from share_lab import world
+from share_lab.evaluation import IdentityClassifier, to_batch
 
 
 def render_labelled(n: int, concepts: list[world.Concept], seed: int, augment: bool):
@@ -73,9 +74,9 @@ def accuracy(model, x, y) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--concepts", type=Path, default=world.CONCEPTS)
-    parser.add_argument("--output", type=Path, default=world.ASSETS / "classifier")
-    parser.add_argument("--vae", type=Path, default=world.TINY_BASE / "vae")
+    parser.add_argument("--concepts", type=Path, default=share_lab.CONCEPTS)
+    parser.add_argument("--output", type=Path, default=share_lab.ASSETS / "classifier")
+    parser.add_argument("--vae", type=Path, default=share_lab.TINY_BASE / "vae")
     parser.add_argument("--images", type=int, default=24000)
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=64)

@@ -3,8 +3,8 @@
 Why: the held-out score of a concept is (L_base - L) / (L_base - L_ref), where L_ref is the
 held-out loss of an independently trained per-concept PEFT LoRA (rank 4, lora_alpha 4, on
 to_q/to_k/to_v/to_out.0 of the UNet, DreamBooth-style without prior preservation, trained by
-share_diffusers.training.train_lora_baseline: learn_concept.py's data, loss, steps and batch). This script
-trains it, measures L_base and L_ref (share_diffusers.evaluation.heldout_loss) and how well each
+share_lab.baselines.train_lora_baseline: learn_concept.py's data, loss, steps and batch). This script
+trains it, measures L_base and L_ref (share_lab.evaluation.heldout_loss) and how well each
 model generates the concept, and writes them into the concept's concept.json under "evaluation",
 so that tests and benchmarks never retrain it. Each LoRA is saved with save_lora_weights into
 <concept>/reference_lora/ (load it with pipe.load_lora_weights), in fp16 to fit the assets budget;
@@ -22,17 +22,19 @@ from pathlib import Path
 
 from diffusers import StableDiffusionPipeline
 
-from share_diffusers import world
-from share_diffusers.evaluation import LOSS_TIMESTEPS, generation_metrics, heldout_loss, load_identity_classifier
-from share_diffusers.training import LORA_TARGETS, read_instance_images, train_lora_baseline
+import share_lab
+from share_diffusers.training import read_instance_images
+from share_lab import world
+from share_lab.baselines import LORA_TARGETS, train_lora_baseline
+from share_lab.evaluation import LOSS_TIMESTEPS, generation_metrics, heldout_loss, load_identity_classifier
 
 REFERENCE = dict(steps=400, rank=4, lr=3e-3, batch_size=4, seed=0)  # learn_concept.py's steps and batch
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--base", type=Path, default=world.TINY_BASE)
-    parser.add_argument("--concepts", type=Path, default=world.CONCEPTS)
+    parser.add_argument("--base", type=Path, default=share_lab.TINY_BASE)
+    parser.add_argument("--concepts", type=Path, default=share_lab.CONCEPTS)
     parser.add_argument("--steps", type=int, default=REFERENCE["steps"])
     parser.add_argument("--lr", type=float, default=REFERENCE["lr"])
     parser.add_argument("--seed", type=int, default=REFERENCE["seed"])

@@ -17,179 +17,35 @@ learn job runs, since the job would overwrite them when it writes its result.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
 import secrets
 import threading
 import time
-import unicodedata
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import PngImagePlugin
 
 import share_diffusers
 from share_diffusers import ShareFileError, read_share, save_share, share_to_lora
 from share_diffusers.io import write_model_card
 
-ROOT = Path(__file__).resolve().parent.parent
-TRAIN_SCRIPT = ROOT / "train" / "learn_concept.py"
-
-MIN_IMAGES, MAX_IMAGES = 3, 20
-MAX_SIDE = 4096  # pixels, each side of an uploaded image
-MAX_FILE_BYTES = 40 * 1024 * 1024
-IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF", "MPO"}
-MAX_BATCH = 8
-MAX_NAME = 64
-MAX_TRIGGER = 32
-NAME_HINT = "use letters, digits, '-' and '_' (e.g. my-dog)"
-BASE_CHOICE = "Base model"
-MIX_CHOICE = "Slider mix"
-TRIGGER_PLACEHOLDER = "{trigger}"
-
-
-class UserError(ValueError):
-    """A mistake in what the user asked for; the message is shown as is in the UI."""
-
-
-# -- validation of user input --------------------------------------------------------------------
-
-
-def _show(ch: str) -> str:
-    if ch == "\x00":
-        return "NUL"
-    if unicodedata.category(ch)[0] in "CZ" and ch != " ":
-        return f"U+{ord(ch):04X}"
-    return repr(ch)
-
-
-def check_concept_name(name, existing=(), what="concept name") -> str:
-    """A name that is safe everywhere it is used (file header, file names, UI), not taken yet."""
-    if not isinstance(name, str) or not name.strip():
-        raise UserError(f"Give the concept a name ({NAME_HINT}).")
-    name = name.strip()
-    if ".." in name:
-        raise UserError(f"The {what} {name!r} contains '..': a name cannot look like a path; {NAME_HINT}.")
-    bad = sorted({ch for ch in name if not (ch.isalnum() or ch in "-_")}, key=name.index)
-    if bad:
-        shown = ", ".join(_show(ch) for ch in bad)
-        kind = "path or control characters" if any(ch in "/\\\x00:" or ord(ch) < 32 for ch in bad) else "characters"
-        raise UserError(f"The {what} {name!r} contains {kind} that are not allowed ({shown}): {NAME_HINT}.")
-    if not name[0].isalnum():
-        raise UserError(f"The {what} {name!r} must start with a letter or a digit.")
-    if len(name) > MAX_NAME:
-        raise UserError(f"The {what} is {len(name)} characters long; at most {MAX_NAME}.")
-    if name in existing:
-        raise UserError(f"A concept named {name!r} already exists in this Share file: pick another name, "
-                        "or rename or delete the old one in the Manage tab.")
-    return name
-
-
-def check_trigger(trigger, taken: dict[str, str] | None = None) -> str:
-    """One word that stands for the concept in prompts; ``taken`` maps triggers in use to their concept."""
-    if not isinstance(trigger, str) or not trigger.strip():
-        raise UserError("Give a trigger token: a rare word that will stand for the concept in prompts (e.g. sks).")
-    trigger = trigger.strip()
-    if any(ch.isspace() for ch in trigger):
-        raise UserError(f"The trigger {trigger!r} must be one word, without spaces.")
-    bad = [ch for ch in trigger if unicodedata.category(ch)[0] == "C" or ch in "{}"]
-    if bad:
-        raise UserError(f"The trigger {trigger!r} contains characters that are not allowed ({', '.join(map(_show, bad))}).")
-    if len(trigger) > MAX_TRIGGER:
-        raise UserError(f"The trigger is {len(trigger)} characters long; at most {MAX_TRIGGER}.")
-    if taken and trigger in taken:
-        raise UserError(f"The trigger {trigger!r} is already used by the concept {taken[trigger]!r}; pick another word.")
-    return trigger
-
-
-@dataclass
-class CheckedImage:
-    path: Path
-    name: str
-    width: int
-    height: int
-
-
-def check_images(paths) -> list[CheckedImage]:
-    """3–20 readable images of sane size; every bad file is named in one message."""
-    paths = [Path(p) for p in (paths or [])]
-    if not paths:
-        raise UserError(f"Upload {MIN_IMAGES}–{MAX_IMAGES} images of the concept.")
-    bad, good = [], []
-    for path in paths:
-        name = path.name
-        try:
-            size = path.stat().st_size
-            if size > MAX_FILE_BYTES:
-                bad.append(f"{name} is a huge file ({size / 2**20:.0f} MB; the limit is {MAX_FILE_BYTES // 2**20} MB)")
-                continue
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(path) as im:
-                    if im.format not in IMAGE_FORMATS:
-                        bad.append(f"{name} is a {im.format} file, not a photo format (PNG, JPEG, WebP, BMP, GIF, TIFF)")
-                        continue
-                    w, h = im.size
-                    if max(w, h) > MAX_SIDE:
-                        bad.append(f"{name} is huge ({w}×{h} pixels; the limit is {MAX_SIDE} on each side, resize it first)")
-                        continue
-                    im.load()  # decode fully: a truncated or corrupt file fails here, not in the training job
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            bad.append(f"{name} is huge (too many pixels to decode safely; the limit is {MAX_SIDE} on each side)")
-            continue
-        except Image.UnidentifiedImageError:
-            bad.append(f"{name} is not an image")
-            continue
-        except (OSError, SyntaxError, ValueError) as e:
-            bad.append(f"{name} cannot be read as an image ({e})")
-            continue
-        good.append(CheckedImage(path, name, w, h))
-    if bad:
-        raise UserError("Some uploads cannot be used, nothing was started: " + "; ".join(bad) + ".")
-    if len(good) < MIN_IMAGES:
-        raise UserError(f"Only {len(good)} image{'s' * (len(good) != 1)}: upload at least {MIN_IMAGES} "
-                        f"({MIN_IMAGES}–{MAX_IMAGES} images of the concept).")
-    if len(good) > MAX_IMAGES:
-        raise UserError(f"{len(good)} images: upload at most {MAX_IMAGES} (pick the {MAX_IMAGES} best ones).")
-    return good
-
-
-def safe_filename(name: str) -> str:
-    """A file name made of a concept name (names from old or folded-in files may hold anything)."""
-    stem = re.sub(r"[^\w-]+", "_", name, flags=re.UNICODE).strip("._") or "concept"
-    return stem[:80]
-
-
-# -- selections -------------------------------------------------------------------------------------
-
-
-def normalize_selection(selection, names: list[str]) -> dict[str, float] | None:
-    """One image's selection as ``{name: weight}`` without zero weights (``None``: the base model)."""
-    if selection is None or selection == "" or selection == BASE_CHOICE:
-        return None
-    if isinstance(selection, str):
-        selection = {selection: 1.0}
-    if not isinstance(selection, dict):
-        raise UserError(f"A concept selection is a name, a {{name: weight}} mix or null; got {selection!r}.")
-    mix = {}
-    for name, weight in selection.items():
-        if name not in names:
-            known = ", ".join(repr(n) for n in names) or "none"
-            raise UserError(f"Unknown concept {name!r} (deleted or renamed?); the Share file holds: {known}.")
-        try:
-            weight = float(weight)
-        except (TypeError, ValueError):
-            raise UserError(f"The weight of {name!r} must be a number, got {weight!r}.") from None
-        if not math.isfinite(weight):
-            raise UserError(f"The weight of {name!r} must be a finite number, got {weight}.")
-        if weight:
-            mix[name] = weight
-    return mix or None
+from .files import TRAIN_SCRIPT, Loaded, concept_table, file_sha256, file_signature, file_summary
+from .jobs import LearnJob
+from .validation import (
+    MAX_BATCH,
+    TRIGGER_PLACEHOLDER,
+    UserError,
+    check_concept_name,
+    check_images,
+    check_trigger,
+    normalize_selection,
+    safe_filename,
+)
 
 
 def describe(mix: dict[str, float] | None) -> str:
@@ -205,78 +61,6 @@ def fill_triggers(template: str, mix: dict[str, float] | None, triggers: dict[st
     words = " ".join(triggers.get(n) or "" for n in (mix or {})).strip()
     text = template.replace(TRIGGER_PLACEHOLDER, words)
     return re.sub(r"\s{2,}", " ", text).strip()
-
-
-# -- the Share file as loaded -----------------------------------------------------------------------
-
-
-@dataclass
-class Loaded:
-    """One version of the Share file, as loaded into the pipeline."""
-
-    version: int = 0
-    signature: tuple | None = None
-    state: share_diffusers.ShareState | None = None
-    header: dict = field(default_factory=dict)
-    sha256: str | None = None
-    size: int = 0
-    error: str | None = None  # the newest file on disk could not be loaded (this version is older)
-
-    @property
-    def names(self) -> list[str]:
-        return self.state.names if self.state is not None else []
-
-    @property
-    def triggers(self) -> dict[str, str | None]:
-        return {c["name"]: c.get("trigger") for c in (self.state.concepts if self.state is not None else [])}
-
-
-def file_signature(path: Path):
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def concept_table(loaded: Loaded) -> list[dict]:
-    """Per concept: name, trigger, date, steps, images, bytes in the file, LoRA-equivalent bytes, merge errors."""
-    header = loaded.header or {}
-    layers = header.get("base_model", {}).get("layers", {})
-    ks = header.get("k", {})
-    rows = []
-    for c in header.get("concepts", []):
-        p = int(c.get("p", 1))
-        size = sum(int(ks.get(layer, 0)) * p * 2 * 4 for layer in layers)  # B and A, float32
-        lora = sum(p * (n + d) * 4 for layer, (n, d) in layers.items() if int(ks.get(layer, 0)))
-        rows.append({
-            "name": c["name"], "trigger": c.get("trigger"), "date": c.get("date"), "steps": c.get("steps"),
-            "num_images": c.get("num_images"), "bytes": size, "lora_bytes": lora,
-            "merge_errors": [float(e) for e in c.get("merge_errors", [])],
-        })
-    return rows
-
-
-def file_summary(loaded: Loaded) -> dict:
-    header = loaded.header or {}
-    layers = header.get("base_model", {}).get("layers", {})
-    ks = {layer: int(k) for layer, k in header.get("k", {}).items()}
-    basis = sum((n + d) * ks.get(layer, 0) * 4 for layer, (n, d) in layers.items())
-    rows = concept_table(loaded)
-    return {
-        "concepts": len(rows), "file_bytes": loaded.size, "basis_bytes": basis,
-        "concept_bytes": sum(r["bytes"] for r in rows), "lora_bytes": sum(r["lora_bytes"] for r in rows),
-        "layers": len(layers), "k_min": min(ks.values(), default=0), "k_max": max(ks.values(), default=0),
-        "config": header.get("config", {}),
-    }
 
 
 # -- generation results -----------------------------------------------------------------------------
@@ -301,16 +85,6 @@ SAMPLERS = {
     "PNDM": "PNDMScheduler",
 }
 DEFAULT_SAMPLER = "Default"
-
-
-def read_png_metadata(path) -> dict:
-    """The text chunks of a PNG written by the studio (``parameters`` and ``share_diffusers``)."""
-    with Image.open(path) as im:
-        info = dict(getattr(im, "text", {}) or im.info)
-    out = {k: v for k, v in info.items() if isinstance(v, str)}
-    if "share_diffusers" in out:
-        out["share_diffusers"] = json.loads(out["share_diffusers"])
-    return out
 
 
 # -- the studio ---------------------------------------------------------------------------------------
@@ -591,8 +365,6 @@ class Studio:
 
     def start_learn(self, files, name, trigger, caption="a photo of {trigger}", steps=200, **train_args):
         """Validate everything, then start a learn job; raises `UserError` (nothing written) on bad input."""
-        from .jobs import LearnJob
-
         with self.file_lock:
             self._refuse_during_job("start another learn job")
             self.sync()

@@ -27,10 +27,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-TINY_BASE = ASSETS / "tiny-base"  # the pretrained base pipeline (train/pretrain_tiny_base.py)
-CONCEPTS = ASSETS / "concepts"  # the shipped concept folders (train/make_concepts.py)
-
 RESOLUTION = 64
 SUPERSAMPLE = 4  # render at 4x and box-filter down, for clean anti-aliased edges
 POSITION_JITTER = 1.5  # pixels, at RESOLUTION
@@ -381,7 +377,7 @@ def make_concept(index: int, world_seed: int = 0) -> Concept:
             break
     backgrounds = tuple(name for name, rgb in COLOURS.items() if min(_distance(rgb, c) for c in colours) > 90)
     sprite = Sprite(outline, colours, pattern, frequency=rng.uniform(*PATTERN_FREQUENCY), pattern_angle=rng.uniform(0, np.pi))
-    hexes = " and ".join("#%02x%02x%02x" % c for c in colours)
+    hexes = " and ".join("#{:02x}{:02x}{:02x}".format(*c) for c in colours)
     return Concept(
         name=f"{PATTERN_ADJECTIVES[pattern]}-{kind}-{index:02d}",
         trigger=TRIGGER_WORDS[index],

@@ -1,5 +1,4 @@
-#!/usr/bin/env python
-"""Share concept studio: the web UI of share-diffusers.  ``python app/app.py`` then open http://127.0.0.1:7860
+"""Share concept studio, the Gradio wiring of the web UI: ``share-studio`` then open http://127.0.0.1:7860
 
 Every concept of one Share file is resident in one pipeline: pick one, mix several by weight, or
 give each image of a batch its own concept; learn a new concept from 3–20 images in the background;
@@ -12,32 +11,22 @@ from __future__ import annotations
 import argparse
 import html
 import json
-import os
 import shutil
 import signal
-import sys
 from pathlib import Path
-
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 import gradio as gr
 import torch
 
-from app.studio import (
+from .engine import Studio
+from .files import ROOT, read_png_metadata
+from .validation import (
     BASE_CHOICE,
     MAX_BATCH,
     MAX_IMAGES,
     MIN_IMAGES,
     MIX_CHOICE,
     TRIGGER_PLACEHOLDER,
-    Studio,
     UserError,
     check_images,
 )
@@ -153,7 +142,8 @@ def job_status(view: dict) -> str:
     if view.get("message"):
         icon = {"done": "✓", "failed": "✗", "cancelled": "■"}.get(view["state"], "")
         return f"{icon} {view['message']}"
-    return f"Learning **{view['name']}** (trigger `{view['trigger']}`, caption “{view['caption']}”). Generating still works meanwhile (with the current file)."
+    return (f"Learning **{view['name']}** (trigger `{view['trigger']}`, caption “{view['caption']}”). "
+            "Generating still works meanwhile (with the current file).")
 
 
 # -- the UI --------------------------------------------------------------------------------------------
@@ -244,7 +234,8 @@ def build_ui(studio: Studio, default_prompt: str = DEFAULT_PROMPT) -> gr.Blocks:
                                     return generate(prompt_, negative_, selection, steps_, guidance_, seed_, width_, height_, batch_, sampler_)
 
                                 gr.on([generate_btn.click, prompt.submit], error_to_ui(run),
-                                      inputs=[prompt, negative, per_image, steps, guidance, seed, width, height, batch, sampler, *image_picks, *sliders],
+                                      inputs=[prompt, negative, per_image, steps, guidance, seed, width, height, batch, sampler,
+                                              *image_picks, *sliders],
                                       outputs=[gallery, info, last_seed], api_visibility="private",
                                       concurrency_id="generate", concurrency_limit=4)
                                 reset_btn.click(lambda: [0] * len(sliders), outputs=sliders, api_visibility="private", queue=False)
@@ -302,8 +293,6 @@ def build_ui(studio: Studio, default_prompt: str = DEFAULT_PROMPT) -> gr.Blocks:
                 def png_info(file):
                     if not file:
                         return ""
-                    from app.studio import read_png_metadata
-
                     try:
                         meta = read_png_metadata(file)
                     except Exception as e:  # noqa: BLE001 — any unreadable upload
@@ -491,13 +480,13 @@ def resolve_share(args) -> tuple[Path, str | None]:
 def main(argv=None):
     args = parse_args(argv)
     if not (Path(args.base) / "model_index.json").is_file():
-        raise SystemExit(f"app.py: error: {args.base} is not a Diffusers pipeline folder (no model_index.json); pass --base PATH.")
+        raise SystemExit(f"share-studio: error: {args.base} is not a Diffusers pipeline folder (no model_index.json); pass --base PATH.")
     share, note = resolve_share(args)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     try:
         studio = Studio(args.base, share, args.outputs, device=args.device, dtype=dtype, note=note)
     except UserError as e:
-        raise SystemExit(f"app.py: error: {e}") from None
+        raise SystemExit(f"share-studio: error: {e}") from None
     if not args.no_warmup:
         studio.warmup()
 
@@ -521,7 +510,3 @@ def main(argv=None):
     finally:
         studio.close()
         demo.close()
-
-
-if __name__ == "__main__":
-    main()

@@ -20,18 +20,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from diffusers import DDPMScheduler
+from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from . import world
+from share_diffusers.training import heldout_loss
+
+from . import CLASSIFIER, world
 
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 5.0
-LOSS_TIMESTEPS = tuple(range(50, 1000, 100))  # 50, 150, ..., 950
-CLASSIFIER = world.ASSETS / "classifier"
+_IMAGES = VaeImageProcessor(do_resize=False)
 
 
 # --------------------------------------------------------------------------- generation
@@ -51,40 +51,10 @@ def generate(pipe, prompts: list[str], seed: int = 0, steps: int = DEFAULT_STEPS
 
 def to_batch(images) -> torch.Tensor:
     """PIL images -> float NCHW in [-1, 1] (the VAE's and the classifier's input range)."""
-    array = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
-    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1
+    return _IMAGES.preprocess([im.convert("RGB") for im in images])
 
 
 # --------------------------------------------------------------------------- held-out denoising loss
-
-@torch.no_grad()
-def heldout_loss(pipe, images, captions: list[str], seed: int = 0, timesteps=LOSS_TIMESTEPS,
-                 cross_attention_kwargs: dict | None = None) -> float:
-    """Mean denoising MSE of the pipeline on (images, captions), with fixed timesteps and noises.
-
-    Why: a generative model that has learned a concept predicts the noise on unseen images of it
-    better. Everything random is fixed by `seed`, so two adapters are compared on identical
-    problems and a repeated call returns the same number.
-    """
-    device = pipe.unet.device
-    latents = pipe.vae.encode(to_batch(images).to(device, pipe.vae.dtype)).latent_dist.mean
-    latents = latents * pipe.vae.config.scaling_factor
-    text = pipe.encode_prompt(captions, device, 1, False)[0]
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the forward process only
-    generator = torch.Generator().manual_seed(seed)
-    losses = []
-    for t in timesteps:
-        noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
-        t = torch.full((len(latents),), t, device=device)
-        if noise_scheduler.config.prediction_type == "v_prediction":
-            target = noise_scheduler.get_velocity(latents, noise, t)
-        else:
-            target = noise
-        noisy = noise_scheduler.add_noise(latents, noise, t)
-        prediction = pipe.unet(noisy, t, text, cross_attention_kwargs=cross_attention_kwargs).sample
-        losses.append(F.mse_loss(prediction.float(), target.float()).item())
-    return float(np.mean(losses))
-
 
 def normalized_score(loss: float, base_loss: float, ref_loss: float) -> float:
     """(L_base - L) / (L_base - L_ref): 0 = the untouched base model, 1 = the reference LoRA."""

@@ -1,9 +1,9 @@
 """Tiny SD-1-style and SDXL-style pipelines built from configs, offline (no hub), in milliseconds."""
 
 import json
+import tempfile
 from functools import lru_cache
 from pathlib import Path
-import tempfile
 
 import torch
 from diffusers import (
@@ -16,9 +16,9 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from share_diffusers.pipeline import pipeline_shapes
-from share_diffusers.subspace import ShareState
 from share_diffusers.io import save_share
+from share_diffusers.subspace import ShareState
+from share_diffusers.targets import pipeline_shapes
 
 
 @lru_cache

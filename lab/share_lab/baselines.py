@@ -1,0 +1,64 @@
+"""The PEFT LoRA that every Share figure is measured against (the "reference LoRA" of a concept).
+
+Why here and not in the library: it is a yardstick, not a feature. It uses the library's data
+pipeline and loss (`share_diffusers.training`), so "same data, same loss, same steps" as
+``learn_concept.py`` holds by construction.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDPMScheduler
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+
+from share_diffusers.targets import PROJECTIONS
+from share_diffusers.training import ConceptDataset, Example, collate, denoising_loss, encode_text, latent_dist
+
+LORA_TARGETS = list(PROJECTIONS["unet"])  # what Diffusers' train_dreambooth_lora.py targets
+
+
+def train_lora_baseline(pipe, adapter_name: str, examples: list[Example], steps: int, lr: float, batch_size: int = 4,
+                        rank: int = 4, seed: int = 0, center_crop: bool = True) -> dict[str, torch.Tensor]:
+    """Train a PEFT LoRA (``lora_alpha = rank``) on the UNet's attention projections, the yardstick
+    Share is measured against; returns its state dict in Diffusers format (``save_lora_weights``).
+
+    Same data pipeline, loss, batch size, optimizer and clipping as ``learn_concept.py``. A new
+    adapter is added, or an existing ``adapter_name`` keeps training (naive sequential fine-tuning).
+    The base stays frozen and the adapter stays active on ``pipe``.
+    """
+    unet = pipe.unet
+    if adapter_name not in getattr(unet, "peft_config", {}):
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
+            unet.add_adapter(config, adapter_name=adapter_name)
+    unet.set_adapter(adapter_name)
+    unet.requires_grad_(False)
+    params = [p for name, p in unet.named_parameters() if f".{adapter_name}." in name and "lora_" in name]
+    for p in params:
+        p.requires_grad_(True)
+    dataset = ConceptDataset(examples, pipe.unet.config.sample_size * pipe.vae_scale_factor, center_crop=center_crop, seed=seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate,
+                                         generator=torch.Generator().manual_seed(seed))
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    step, epoch = 0, 0
+    while step < steps:
+        dataset.set_epoch(epoch)
+        for batch in loader:
+            with torch.no_grad():
+                latents = latent_dist(pipe.vae, batch["pixel_values"]).sample(generator) * pipe.vae.config.scaling_factor
+                text = encode_text(pipe.tokenizer, pipe.text_encoder, batch["captions"])
+            denoising_loss(unet, noise_scheduler, latents, text, generator=generator).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step(), optimizer.zero_grad()
+            step += 1
+            if step == steps:
+                break
+        epoch += 1
+    for p in params:
+        p.requires_grad_(False)
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
