@@ -32,6 +32,7 @@ from PIL import PngImagePlugin
 
 import share_diffusers
 from share_diffusers import ShareFileError, read_share, save_share, share_to_lora
+from share_diffusers.config import stored_config
 from share_diffusers.io import write_model_card
 
 from .files import TRAIN_SCRIPT, Loaded, concept_table, file_sha256, file_signature, file_summary
@@ -342,10 +343,7 @@ class Studio:
             loaded = self._writable_state()
             if name not in loaded.names:
                 raise UserError(f"Pick the concept to delete; {name!r} is not in the Share file.")
-            config = loaded.header.get("config", {}) or {}
-            k_max = int(config.get("basis_rank") or max(loaded.header.get("k", {}).values(), default=64) or 64)
-            energy = config.get("basis_energy", config.get("energy"))
-            state, report = loaded.state.remove(name, k_max=k_max, energy=energy)
+            state, report = loaded.state.remove(name, **stored_config(loaded.header).merge_kwargs())
             save_share(state, self.share_path, config=loaded.header.get("config"))
             write_model_card(self.share_path, state, loaded.header.get("config"))
             self.sync()

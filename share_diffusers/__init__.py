@@ -6,6 +6,7 @@ Importing the package adds ``load_share``, ``set_share_concepts``, ``fuse_share`
 here, and `ShareLoaderMixin` offers them to pipeline subclasses.
 """
 
+from .config import ShareConfig
 from .io import ShareFileError, read_share, save_share
 from .lora import loras_to_share, read_lora, share_to_lora
 from .pipeline import (
@@ -31,6 +32,7 @@ __all__ = [
     "NewConcept",
     "ShareAttnProcessor",
     "ShareConcept",
+    "ShareConfig",
     "ShareFileError",
     "ShareLoaderMixin",
     "ShareState",

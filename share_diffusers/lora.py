@@ -24,6 +24,7 @@ from diffusers.utils.state_dict_utils import StateDictType, convert_state_dict_t
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .config import ShareConfig
 from .io import ShareFileError, atomic_write, read_share, save_share
 from .subspace import ShareState, balance
 from .targets import COMPONENTS, PROJECTIONS, kind, split_layer
@@ -163,7 +164,7 @@ def loras_to_share(
                 raise ShareFileError(f"LoRA {name!r}: layer {layer} {(B.shape[0], A.shape[0])} does not fit the base model.")
     meta = {name: {"trigger": t, "source": str(f)} for name, f, t in zip(names, lora_files, triggers or [None] * len(names))}
     state, report = ShareState.empty(shapes).merge(loras, meta=meta, k_max=basis_rank, energy=energy)
-    save_share(state, output_path, config={"basis_rank": basis_rank, "energy": energy})
+    save_share(state, output_path, config=ShareConfig(basis_rank=basis_rank, basis_energy=energy).to_dict())
     return report
 
 

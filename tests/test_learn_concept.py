@@ -186,3 +186,21 @@ save_share(state, {str(share)!r})
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 9
     assert share.read_bytes() == original
     read_share(share)
+
+
+def test_a_share_file_keeps_its_basis_settings_unless_rebased(tmp_path):
+    """A file made with --basis_rank 3 is continued at 3 when the flag is left out, and a contradicting
+    flag is refused before training, naming both values (the file is left as it was)."""
+    share = tmp_path / "share.safetensors"
+    learn(tmp_path, 0, share, "--basis_rank", "3", "--num_extra_directions", "3")
+    assert read_share(share)[1]["config"]["basis_rank"] == 3
+    before = share.read_bytes()
+    refused = learn(tmp_path, 1, share, "--basis_rank", "8", check=False)
+    assert refused.returncode != 0
+    assert re.search(r"--basis_rank 8 \(the file has 3\).*--rebase", refused.stdout + refused.stderr, re.S)
+    assert share.read_bytes() == before
+    learn(tmp_path, 1, share, "--rank", "2")  # --rank: the DreamBooth scripts' name for the coefficient rank
+    state, header = read_share(share)
+    assert header["config"]["basis_rank"] == 3 and header["config"]["num_extra_directions"] == 3
+    assert header["config"]["coef_rank"] == 2
+    assert max(layer.k for layer in state.layers.values()) <= 3

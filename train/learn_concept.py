@@ -31,7 +31,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPTextModel
 
-from share_diffusers import ShareFileError, ShareState, read_share, save_share
+from share_diffusers import ShareConfig, ShareFileError, ShareState, read_share, save_share
+from share_diffusers.config import resolve_config, stored_config
 from share_diffusers.io import atomic_write, write_model_card
 from share_diffusers.lora import write_lora
 from share_diffusers.pipeline import check_compatible
@@ -119,10 +120,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--share_path", default=str(ROOT / "outputs" / "share.safetensors"), help="The Share file to extend (created if absent).")
     a("--concept_name", default=None, help="Default: from the concept folder's concept.json, else the folder name.")
     a("--trigger", default=None, help="The concept's trigger token (stored in the file; shown by the UI).")
-    a("--basis_rank", type=int, default=16, help="k_max: the most directions per layer and side.")
+    # the file's settings (share_diffusers.ShareConfig): unset flags take the Share file's stored values (new file: defaults)
+    default = ShareConfig()
+    a("--basis_rank", type=int, default=None, help=f"k_max: the most directions per layer and side (new file: {default.basis_rank}).")
     a("--basis_energy", type=float, default=None, help="Keep the fewest directions holding this share of the energy (≤ k_max).")
-    a("--coef_rank", type=int, default=1, help="p: the rank of each concept's delta per layer.")
-    a("--num_extra_directions", type=int, default=2, help="φ: temporary new directions per side while training.")
+    a("--coef_rank", "--rank", type=int, default=None, help=f"p: the rank of each concept's delta per layer (new file: {default.coef_rank}).")
+    a("--num_extra_directions", type=int, default=None,
+      help=f"φ: temporary new directions per side while training (new file: {default.num_extra_directions}).")
+    a("--rebase", action="store_true", help="Allow basis settings that differ from the file's: the merge refits the subspace under them.")
     a("--no_merge", action="store_true", help="Do not touch the Share file; save the trained concept as a LoRA file instead.")
     a("--finetune_after_merge_steps", type=int, default=0, help="Fine-tune the new coefficients in the merged basis.")
     a("--overwrite_concept", action="store_true", help="Replace a concept of the same name.")
@@ -150,19 +155,31 @@ def fail(message: str):
     raise SystemExit(f"learn_concept.py: error: {message}")
 
 
-def load_state(args, base_shapes, train_shapes) -> ShareState:
-    """The Share file to extend (validated against the base model), or an empty one.
+def load_state(args, base_shapes, train_shapes) -> tuple[ShareState, ShareConfig]:
+    """The Share file to extend (validated against the base model), or an empty one, and the settings
+    to continue it with (the flags given over the file's stored `ShareConfig`).
 
     ``train_shapes`` are the layers this run trains; the file gains any it does not adapt yet.
     """
     path = Path(args.share_path)
-    if not path.exists():
-        return ShareState.empty(train_shapes)
-    state, _ = read_share(path)
-    check_compatible(state.shapes, base_shapes, f"The Share file {path}")
-    if args.concept_name in state.names and not args.overwrite_concept:
-        fail(f"{path} already has a concept named {args.concept_name!r}; pass --overwrite_concept to replace it.")
-    return with_layers(state, train_shapes)
+    stored, state = None, ShareState.empty(train_shapes)
+    if path.exists():
+        state, header = read_share(path)
+        check_compatible(state.shapes, base_shapes, f"The Share file {path}")
+        if args.concept_name in state.names and not args.overwrite_concept:
+            fail(f"{path} already has a concept named {args.concept_name!r}; pass --overwrite_concept to replace it.")
+        state = with_layers(state, train_shapes)
+        try:
+            stored = stored_config(header)
+        except ValueError as e:
+            raise ShareFileError(f"{path}: its stored settings are invalid: {e}") from e
+    try:
+        config = resolve_config(stored, rebase=args.rebase, basis_rank=args.basis_rank, basis_energy=args.basis_energy,
+                                coef_rank=args.coef_rank, num_extra_directions=args.num_extra_directions,
+                                base_model=str(args.pretrained_model_name_or_path))
+    except ValueError as e:
+        fail(str(e))
+    return state, config
 
 
 def main(args) -> dict | None:
@@ -212,14 +229,15 @@ def main(args) -> dict | None:
     base_shapes = model_shapes({"unet": unet, "text_encoder": text_encoder})
     train_shapes = {n: s for n, s in base_shapes.items() if n.partition(".")[0] in models}
     try:
-        state = load_state(args, base_shapes, train_shapes)
+        state, config = load_state(args, base_shapes, train_shapes)
     except (ShareFileError, FileNotFoundError) as e:
         fail(str(e))
+    args.config = config
     if args.concept_name in state.names:  # --overwrite_concept: drop it, refit the rest
-        state, _ = state.remove(args.concept_name, k_max=args.basis_rank, energy=args.basis_energy)
+        state, _ = state.remove(args.concept_name, **config.merge_kwargs())
     old_state = state
     # the new concept's trainable parametrisation, fp32 even under mixed precision
-    trainers = attach_new_concept(models, state, p=args.coef_rank, phi=args.num_extra_directions, seed=args.seed)
+    trainers = attach_new_concept(models, state, p=config.coef_rank, phi=config.num_extra_directions, seed=args.seed)
     params = [p for t in trainers.values() for p in t.parameters()]
 
     # -- data -----------------------------------------------------------------------------------------
@@ -455,7 +473,7 @@ def finish(args, accelerator, pipe, old_state, factors, heldout, trained_loss, e
     meta = {
         "trigger": args.trigger, "prompt": args.instance_prompt, "steps": steps,
         "date": datetime.now(UTC).isoformat(timespec="seconds"), "num_images": len(examples),
-        "coef_rank": args.coef_rank, "num_extra_directions": args.num_extra_directions,
+        "coef_rank": args.config.coef_rank, "num_extra_directions": args.config.num_extra_directions,
         "heldout_data_dir": str(Path(args.heldout_data_dir).resolve()) if args.heldout_data_dir else None,
     }
     base_loss = eval_loss(pipe, heldout, args.seed)
@@ -467,7 +485,7 @@ def finish(args, accelerator, pipe, old_state, factors, heldout, trained_loss, e
 
     losses_before = concept_losses(pipe, old_state, args.seed) if old_state.concepts else {}
     new_state, merge_report = old_state.merge(
-        {args.concept_name: factors}, meta={args.concept_name: meta}, k_max=args.basis_rank, energy=args.basis_energy
+        {args.concept_name: factors}, meta={args.concept_name: meta}, **args.config.merge_kwargs()
     )
     if args.finetune_after_merge_steps:
         new_state = finetune_after_merge(args, pipe, new_state, examples)
@@ -484,8 +502,7 @@ def finish(args, accelerator, pipe, old_state, factors, heldout, trained_loss, e
     for concept in new_state.concepts:  # keep the figures in the file's history too
         if concept["name"] == args.concept_name:
             concept.update(heldout_loss_base=base_loss, heldout_loss_trained=trained_loss, heldout_loss_merged=losses_after.get(args.concept_name))
-    config = {"base_model": str(args.pretrained_model_name_or_path), "basis_rank": args.basis_rank,
-              "basis_energy": args.basis_energy, "coef_rank": args.coef_rank, "num_extra_directions": args.num_extra_directions}
+    config = args.config.to_dict()
     save_share(new_state, args.share_path, config=config)
     write_model_card(Path(args.share_path), new_state, config)
     (output_dir / "report.json").write_text(json.dumps(report, indent=2))

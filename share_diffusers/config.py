@@ -1,0 +1,99 @@
+"""`ShareConfig`: the settings of a Share file, in one vocabulary, stored in the file and read back.
+
+The names are the flags users see (``learn_concept.py --basis_rank 16``, ``compress_loras.py``);
+the maths (`subspace`) uses the paper's notation, given beside each field. A file remembers how it
+was made, so the next writer continues it the same way instead of silently re-merging it under the
+command line's defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass
+
+# Spellings written by older versions of share-diffusers, read as today's names.
+_OLD_NAMES = {"energy": "basis_energy", "k_max": "basis_rank", "p": "coef_rank", "phi": "num_extra_directions"}
+
+
+@dataclass(frozen=True)
+class ShareConfig:
+    basis_rank: int = 16  # k_max: the most shared directions per layer and side
+    basis_energy: float | None = None  # keep the fewest directions holding this share of the energy (≤ basis_rank)
+    coef_rank: int = 1  # p: the rank of a new concept's delta per layer
+    num_extra_directions: int = 2  # φ: temporary new directions per side while a concept trains
+    base_model: str | None = None  # the base model as the user named it (a Hub id or the path they gave)
+
+    def __post_init__(self):
+        for name in ("basis_rank", "coef_rank"):
+            _check_int(name, getattr(self, name), minimum=1)
+        _check_int("num_extra_directions", self.num_extra_directions, minimum=0)
+        energy = self.basis_energy
+        if energy is not None and (isinstance(energy, bool) or not isinstance(energy, numbers.Real)
+                                   or not math.isfinite(energy) or not 0 < energy <= 1):
+            raise ValueError(f"basis_energy must be a number in (0, 1] or None, got {energy!r}.")
+        if self.base_model is not None and not isinstance(self.base_model, str):
+            raise ValueError(f"base_model must be a string, got {type(self.base_model).__name__}.")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> ShareConfig:
+        """The config stored in a file's header (``{}`` or ``None``: the defaults). Old spellings are
+        accepted; unknown keys are ignored (a newer writer's extras); bad values raise `ValueError`."""
+        if values is None:
+            return cls()
+        if not isinstance(values, dict):
+            raise ValueError(f"A Share config is a JSON object, got {type(values).__name__}.")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        known = {}
+        for key, value in values.items():
+            key = _OLD_NAMES.get(key, key)
+            if key in fields:
+                known[key] = value
+        return cls(**known)
+
+    def merge_kwargs(self) -> dict:
+        """The arguments of `ShareState.merge` / `remove` that these settings fix."""
+        return {"k_max": self.basis_rank, "energy": self.basis_energy}
+
+    def replace(self, **changes) -> ShareConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be a whole number ≥ {minimum}, got {value!r}.")
+
+
+def stored_config(header: dict) -> ShareConfig:
+    """The settings a Share file's header stores. A file that stores no ``basis_rank`` (written by
+    hand, or by an old version) keeps the size its basis has: its largest k."""
+    values = dict(header.get("config") or {})
+    if "basis_rank" not in values and "k_max" not in values and header.get("k"):
+        values["basis_rank"] = max(1, max(int(k) for k in header["k"].values()))
+    return ShareConfig.from_dict(values)
+
+
+BASIS_SETTINGS = ("basis_rank", "basis_energy")  # they shape the stored subspace: a file keeps them
+
+
+def resolve_config(stored: ShareConfig | None, rebase: bool = False, **given) -> ShareConfig:
+    """The settings for the next write of a file: each given setting (``None``: not given) over what
+    the file stores (``stored``; ``None`` for a new file: the defaults).
+
+    Giving a basis setting that differs from the stored one raises `ValueError` unless ``rebase``
+    (the next merge then refits the subspace under the new setting): a file folded at
+    ``basis_rank=64`` is never silently squeezed to 16 by a command-line default.
+    """
+    base = stored or ShareConfig()
+    changes = {name: value for name, value in given.items() if value is not None}
+    if stored is not None and not rebase:
+        clashes = [f"--{n} {changes[n]} (the file has {getattr(stored, n)})" for n in BASIS_SETTINGS
+                   if n in changes and changes[n] != getattr(stored, n)]
+        if clashes:
+            raise ValueError(f"The Share file was made with other basis settings: {'; '.join(clashes)}. Leave the "
+                             "flag out to keep the file's setting, or pass --rebase to refit the subspace under the new one.")
+    return base.replace(**changes)
