@@ -5,7 +5,6 @@ is written.
 
 from __future__ import annotations
 
-import math
 import re
 import unicodedata
 import warnings
@@ -13,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
+
+from share_diffusers.pipeline import check_selection
 
 MIN_IMAGES, MAX_IMAGES = 3, 20
 MAX_SIDE = 4096  # pixels, each side of an uploaded image
@@ -143,24 +144,12 @@ def safe_filename(name: str) -> str:
 
 
 def normalize_selection(selection, names: list[str]) -> dict[str, float] | None:
-    """One image's selection as ``{name: weight}`` without zero weights (``None``: the base model)."""
-    if selection is None or selection == "" or selection == BASE_CHOICE:
+    """One image's selection as ``{name: weight}`` without zero weights (``None``: the base model),
+    checked by the library's validator; its errors become `UserError`s."""
+    if selection == "" or selection == BASE_CHOICE:
         return None
-    if isinstance(selection, str):
-        selection = {selection: 1.0}
-    if not isinstance(selection, dict):
-        raise UserError(f"A concept selection is a name, a {{name: weight}} mix or null; got {selection!r}.")
-    mix = {}
-    for name, weight in selection.items():
-        if name not in names:
-            known = ", ".join(repr(n) for n in names) or "none"
-            raise UserError(f"Unknown concept {name!r} (deleted or renamed?); the Share file holds: {known}.")
-        try:
-            weight = float(weight)
-        except (TypeError, ValueError):
-            raise UserError(f"The weight of {name!r} must be a number, got {weight!r}.") from None
-        if not math.isfinite(weight):
-            raise UserError(f"The weight of {name!r} must be a finite number, got {weight}.")
-        if weight:
-            mix[name] = weight
-    return mix or None
+    try:
+        return check_selection(selection, names)
+    except (KeyError, TypeError, ValueError) as e:
+        message = e.args[0] if e.args else str(e)
+        raise UserError(f"{message} (deleted or renamed?)" if isinstance(e, KeyError) else message) from None

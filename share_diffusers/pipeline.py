@@ -12,6 +12,7 @@ the pipeline's selection, since Diffusers does not pass those kwargs to them).
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 import warnings
@@ -51,23 +52,43 @@ def check_compatible(file_shapes: dict, have: dict, source: str = "This Share fi
         )
 
 
-def _weights(state: ShareState, selection) -> torch.Tensor:
-    """One selection (not a list) as a ``(C,)`` weight vector; bad input raises, naming it."""
+MAX_WEIGHT = 1e3  # a concept weight beyond this is a typo, not a mix (and overflows half precision)
+
+
+def check_selection(selection, names: list[str]) -> dict[str, float] | None:
+    """One selection (a name, a ``{name: weight}`` mix or ``None``) as a mix without zero weights;
+    ``None`` is the base model. The one validator of selections (pipelines and the web UI): bad input
+    raises, naming it — `KeyError` for an unknown concept, `TypeError` for a wrong type, `ValueError`
+    for a weight that is not finite or beyond ±``MAX_WEIGHT``."""
     if selection is None:
-        return torch.zeros(len(state.concepts))
+        return None
     if isinstance(selection, str):
-        return state.weights({selection: 1.0})
-    if isinstance(selection, Mapping):
-        for name, weight in selection.items():
-            if not isinstance(name, str):
-                raise TypeError(f"Concept names must be strings, got {name!r}.")
-            if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
-                raise TypeError(f"The weight of {name!r} must be a number, got {type(weight).__name__}.")
-        return state.weights(selection)
-    raise TypeError(
-        f"A Share selection is a concept name, a {{name: weight}} dict, None, or a list of those per prompt; "
-        f"got {type(selection).__name__}."
-    )
+        selection = {selection: 1.0}
+    if not isinstance(selection, Mapping):
+        raise TypeError(
+            f"A Share selection is a concept name, a {{name: weight}} dict, None, or a list of those per prompt; "
+            f"got {type(selection).__name__}."
+        )
+    mix = {}
+    for name, weight in selection.items():
+        if not isinstance(name, str):
+            raise TypeError(f"Concept names must be strings, got {name!r}.")
+        if name not in names:
+            known = ", ".join(repr(n) for n in names) or "none"
+            raise KeyError(f"Unknown Share concept {name!r}; this file holds: {known}.")
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+            raise TypeError(f"The weight of {name!r} must be a number, got {type(weight).__name__}.")
+        weight = float(weight)
+        if not math.isfinite(weight) or abs(weight) > MAX_WEIGHT:
+            raise ValueError(f"The weight of {name!r} must be a finite number within ±{MAX_WEIGHT:g}, got {weight}.")
+        if weight:
+            mix[name] = weight
+    return mix or None
+
+
+def _weights(state: ShareState, selection) -> torch.Tensor:
+    """One selection (not a list) as a ``(C,)`` weight vector."""
+    return state.weights(check_selection(selection, state.names) or {})
 
 
 def resolve_selection(state: ShareState, selection) -> tuple[torch.Tensor, list[int] | None]:

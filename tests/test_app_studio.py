@@ -174,7 +174,7 @@ def test_each_png_records_what_made_it(studio):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(selection="nope"), "Unknown concept 'nope'"),
+    (dict(selection="nope"), "Unknown Share concept 'nope'"),
     (dict(selection={"cat": float("nan")}), "finite"),
     (dict(selection={"cat": "lots"}), "must be a number"),
     (dict(selection=["cat", "dog"], batch_size=3), "got 2 selections for a batch of 3"),
