@@ -165,16 +165,14 @@ class LearnJob:
         return (self.finished or time.time()) - self.started
 
     def _error(self) -> str:
+        """Why the job failed: the script writes it into the progress file; else the log's last lines."""
+        error = self._read_progress().get("error")
+        if error:
+            return error
         try:
             lines = [line.strip() for line in re.split(r"[\r\n]+", self.log_file.read_text(errors="replace")) if line.strip()]
         except FileNotFoundError:
             return "no log."
-        for line in reversed(lines):
-            if "learn_concept.py: error:" in line:
-                return line.split("learn_concept.py: error:", 1)[1].strip()
-        for line in reversed(lines):
-            if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", line):
-                return line
         return " / ".join(lines[-3:]) or "no output."
 
     def view(self) -> dict:

@@ -111,8 +111,8 @@ def resolve_selection(state: ShareState, selection) -> tuple[torch.Tensor, list[
 class ShareRuntime:
     """What `load_share` attaches to a pipeline: the state, one adapter per model, the selection."""
 
-    def __init__(self, pipe, state: ShareState, header: dict, path: str):
-        self.pipe, self.state, self.header, self.path = pipe, state, header, path
+    def __init__(self, pipe, state: ShareState):
+        self.pipe, self.state = pipe, state
         self.models: dict[str, torch.nn.Module] = {}
         self.handles = []
         self.weights, self.prompt_group = None, None
@@ -269,16 +269,16 @@ def load_share(
     The file is validated against the pipeline first: on any error nothing is changed.
     """
     if isinstance(pretrained_model_name_or_path_or_state, ShareState):
-        state, header, path = pretrained_model_name_or_path_or_state, {}, "<in-memory ShareState>"
+        state, path = pretrained_model_name_or_path_or_state, "<in-memory ShareState>"
     else:
         path = resolve_path(pretrained_model_name_or_path_or_state, weight_name)
-        state, header = read_share(path)
+        state, _ = read_share(path)
     check_compatible(state.shapes, pipeline_shapes(pipe), f"The Share file {path}")
     previous = getattr(pipe, "_share_runtime", None)
     if previous is not None:
         previous.close()
         pipe._share_runtime = None
-    pipe._share_runtime = ShareRuntime(pipe, state, header, str(path))
+    pipe._share_runtime = ShareRuntime(pipe, state)
 
 
 def set_share_concepts(pipe, selection) -> None:

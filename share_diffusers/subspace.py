@@ -158,10 +158,6 @@ class LayerShare:
         """Dense ``n × d`` delta of one mix (weights over the C concepts)."""
         return dense_delta(self.U, self.V, self.cores(weights[None])[0])
 
-    def factors(self, c: int) -> tuple[Tensor, Tensor]:
-        """Concept ``c`` as ordinary low-rank factors ``(U B_c, V A_c)``: ΔW = first @ secondᵀ."""
-        return self.U @ self.B[c], self.V @ self.A[c]
-
     def select(self, keep: list[int]) -> LayerShare:
         return LayerShare(self.U, self.V, self.B[keep], self.A[keep])
 

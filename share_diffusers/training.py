@@ -189,6 +189,38 @@ def steps_per_epoch(num_batches: int, accumulation: int) -> int:
     return math.ceil(num_batches / accumulation)
 
 
+def train_in_process(pipe, params: list[torch.nn.Parameter], examples: list[Example], steps: int, lr: float,
+                     batch_size: int = 4, seed: int = 0, center_crop: bool = True, max_grad_norm: float = 1.0) -> None:
+    """A few hundred steps of ``params`` on ``pipe``'s UNet, in this process, without Accelerate.
+
+    For trainings that run inside another program: the LoRA baselines of the benchmarks and the
+    post-merge fine-tune of ``learn_concept.py`` (on its main process only, after the distributed
+    part). The data pipeline, loss, optimizer and clipping are ``learn_concept.py``'s; every random
+    draw comes from ``seed``, so a rerun gives the same result.
+    """
+    dataset = ConceptDataset(examples, pipe.unet.config.sample_size * pipe.vae_scale_factor, center_crop=center_crop, seed=seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate,
+                                         generator=torch.Generator().manual_seed(seed))
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    step, epoch = 0, 0
+    while step < steps:
+        dataset.set_epoch(epoch)
+        for batch in loader:
+            with torch.no_grad():
+                latents = latent_dist(pipe.vae, batch["pixel_values"]).sample(generator) * pipe.vae.config.scaling_factor
+                text = encode_text(pipe.tokenizer, pipe.text_encoder, batch["captions"])
+            denoising_loss(pipe.unet, noise_scheduler, latents, text, generator=generator).backward()
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+            step += 1
+            if step == steps:
+                break
+        epoch += 1
+
+
 # -- attaching a new concept for training ---------------------------------------------------------
 
 

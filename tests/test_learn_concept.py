@@ -145,10 +145,14 @@ def test_bad_inputs_are_clear_errors_and_leave_the_share_file_untouched(tmp_path
     for args, message in cases:
         if "--share_path" not in args:
             args = args + ["--share_path", share]
-        result = launch(*args, "--output_dir", tmp_path / "bad", *FAST, check=False)
+        progress = tmp_path / "progress.json"
+        progress.unlink(missing_ok=True)
+        result = launch(*args, "--output_dir", tmp_path / "bad", "--progress_file", progress, *FAST, check=False)
         assert result.returncode != 0, args
         assert re.search(message, result.stdout + result.stderr, re.S), (message, (result.stdout + result.stderr)[-2000:])
         assert share.read_bytes() == original
+        failure = json.loads(progress.read_text())  # what the web UI shows: the failure travels in the progress file
+        assert failure["status"] == "failed" and re.search(message, failure["error"], re.S), failure
     # --overwrite_concept replaces it
     learn(tmp_path, 4, share, "--overwrite_concept")
     state, _ = read_share(share)

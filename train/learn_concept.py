@@ -18,6 +18,7 @@ import logging
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from share_diffusers.io import atomic_write, write_model_card
 from share_diffusers.lora import write_lora
 from share_diffusers.pipeline import check_compatible
 from share_diffusers.subspace import balance
-from share_diffusers.targets import model_shapes
+from share_diffusers.targets import model_shapes, split_layer
 from share_diffusers.training import (
     ConceptDataset,
     attach_new_concept,
@@ -51,6 +52,7 @@ from share_diffusers.training import (
     prepare_image,
     read_instance_images,
     steps_per_epoch,
+    train_in_process,
     with_layers,
 )
 
@@ -151,10 +153,6 @@ def _apply_defaults(args) -> None:
     args.output_dir = args.output_dir or str(ROOT / "outputs" / "runs" / args.concept_name)
 
 
-def fail(message: str):
-    raise SystemExit(f"learn_concept.py: error: {message}")
-
-
 def load_state(args, base_shapes, train_shapes) -> tuple[ShareState, ShareConfig]:
     """The Share file to extend (validated against the base model), or an empty one, and the settings
     to continue it with (the flags given over the file's stored `ShareConfig`).
@@ -182,18 +180,80 @@ def load_state(args, base_shapes, train_shapes) -> tuple[ShareState, ShareConfig
     return state, config
 
 
+class LearnError(Exception):
+    """A problem with the user's input or run, reported as ``learn_concept.py: error: <message>``."""
+
+
+def fail(message: str):
+    raise LearnError(message)
+
+
 def main(args) -> dict | None:
+    """Run, and on failure say why in the progress file (which the web UI reads) and on stderr."""
+    try:
+        return learn(args)
+    except LearnError as e:
+        report_progress(args, status="failed", error=str(e))
+        raise SystemExit(f"learn_concept.py: error: {e}") from None
+    except Exception as e:
+        report_progress(args, status="failed", error=f"{type(e).__name__}: {e}")
+        raise
+
+
+@dataclass
+class Base:
+    """The frozen base model, on the training device and in the training precision."""
+
+    path: Path
+    tokenizer: object
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    noise_scheduler: DDPMScheduler
+    dtype: torch.dtype
+
+    def pipeline(self, args):
+        pipe = DiffusionPipeline.from_pretrained(
+            self.path, unet=self.unet, text_encoder=self.text_encoder, vae=self.vae, tokenizer=self.tokenizer,
+            local_files_only=True, safety_checker=None, revision=args.revision, variant=args.variant,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+
+def learn(args) -> dict | None:
     started = time.time()
-    # -- inputs first: a bad folder or file fails in seconds, before any model is loaded ----------
+    # inputs first: a bad folder or file fails in seconds, before any model is loaded
     try:
         examples = read_instance_images(args.instance_data_dir, args.instance_prompt)
         heldout = read_instance_images(args.heldout_data_dir, args.instance_prompt) if args.heldout_data_dir else []
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
-    base = Path(args.pretrained_model_name_or_path)
-    if not (base / "model_index.json").is_file():
-        fail(f"{base} is not a local Diffusers pipeline folder (no model_index.json).")
+    if not (Path(args.pretrained_model_name_or_path) / "model_index.json").is_file():
+        fail(f"{args.pretrained_model_name_or_path} is not a local Diffusers pipeline folder (no model_index.json).")
+    accelerator = make_accelerator(args)
+    base = load_base(args, accelerator)
+    models = {"unet": base.unet} | ({"text_encoder": base.text_encoder} if args.train_text_encoder else {})
+    old_state = share_to_extend(args, base, models)
+    # the new concept's trainable parametrisation, fp32 even under mixed precision
+    trainers = attach_new_concept(models, old_state, p=args.config.coef_rank, phi=args.config.num_extra_directions, seed=args.seed)
+    steps, loss_value = train(args, accelerator, base, models, trainers, examples, heldout)
 
+    result = None
+    if accelerator.is_main_process:
+        factors = concept_factors(trainers)
+        pipe = base.pipeline(args)
+        trained_loss = eval_loss(pipe, heldout, args.seed)  # the new concept, still in training form
+        detach_new_concept(models)
+        report_progress(args, status="merging", step=steps, max_steps=steps, loss=loss_value)
+        trained = Trained(old_state, factors, trained_loss, examples, heldout, steps, started)
+        result = finish(args, accelerator, pipe, trained)
+        report_progress(args, status="done", step=steps, max_steps=steps, loss=loss_value, report=result)
+    accelerator.end_training()
+    return result
+
+
+def make_accelerator(args) -> Accelerator:
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -202,54 +262,63 @@ def main(args) -> dict | None:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO if accelerator.is_main_process else logging.ERROR)
+    level = logging.INFO if accelerator.is_main_process else logging.ERROR
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=level)
     set_seed(args.seed)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
+    return accelerator
 
-    # -- models: frozen, in the training precision --------------------------------------------------
+
+def load_base(args, accelerator) -> Base:
+    path = Path(args.pretrained_model_name_or_path)
     load = dict(revision=args.revision, variant=args.variant, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer", **{k: v for k, v in load.items() if k != "variant"})
-    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **load)
-    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", **load)
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **load)
-    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **{k: v for k, v in load.items() if k != "variant"})
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **load)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **load)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **load)
+    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
     if unet.config.addition_embed_type not in (None, "text"):  # "text" pools the prompt: no extra inputs
         fail(f"this script trains UNets conditioned on the prompt only (SD 1.x/2.x-style); this one needs "
              f"addition_embed_type={unet.config.addition_embed_type!r} inputs (SDXL), which it does not provide yet.")
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     for model in (text_encoder, vae, unet):
         model.requires_grad_(False)
-        model.to(accelerator.device, dtype=weight_dtype)
+        model.to(accelerator.device, dtype=dtype)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     args.resolution = args.resolution or unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    return Base(path, tokenizer, text_encoder, vae, unet, noise_scheduler, dtype)
 
-    models = {"unet": unet} | ({"text_encoder": text_encoder} if args.train_text_encoder else {})
-    base_shapes = model_shapes({"unet": unet, "text_encoder": text_encoder})
-    train_shapes = {n: s for n, s in base_shapes.items() if n.partition(".")[0] in models}
+
+def share_to_extend(args, base: Base, models: dict) -> ShareState:
+    """The Share file's state this concept joins (its namesake dropped with --overwrite_concept);
+    sets ``args.config``, the settings it is continued with."""
+    base_shapes = model_shapes({"unet": base.unet, "text_encoder": base.text_encoder})
+    train_shapes = {n: s for n, s in base_shapes.items() if split_layer(n)[0] in models}
     try:
-        state, config = load_state(args, base_shapes, train_shapes)
+        state, args.config = load_state(args, base_shapes, train_shapes)
     except (ShareFileError, FileNotFoundError) as e:
         fail(str(e))
-    args.config = config
     if args.concept_name in state.names:  # --overwrite_concept: drop it, refit the rest
-        state, _ = state.remove(args.concept_name, **config.merge_kwargs())
-    old_state = state
-    # the new concept's trainable parametrisation, fp32 even under mixed precision
-    trainers = attach_new_concept(models, state, p=config.coef_rank, phi=config.num_extra_directions, seed=args.seed)
-    params = [p for t in trainers.values() for p in t.parameters()]
+        state, _ = state.remove(args.concept_name, **args.config.merge_kwargs())
+    return state
 
-    # -- data -----------------------------------------------------------------------------------------
-    class_examples = prepare_class_images(args, accelerator, base, weight_dtype) if args.with_prior_preservation else []
+
+def train(args, accelerator, base: Base, models: dict, trainers: dict, examples, heldout) -> tuple[int, float]:
+    """The Accelerate loop (checkpointed, exactly resumable); returns the steps done and the last loss."""
+    output_dir = Path(args.output_dir)
+    params = [p for t in trainers.values() for p in t.parameters()]
+    class_examples = prepare_class_images(args, accelerator, base.path) if args.with_prior_preservation else []
     dataset = ConceptDataset(examples, args.resolution, args.center_crop, args.random_flip, class_examples, seed=args.seed)
     # its own generator: creating an iterator must not draw from the global RNG (exact resume)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
                                          num_workers=args.dataloader_num_workers, generator=torch.Generator().manual_seed(args.seed))
-    cache = Cache(vae, tokenizer, text_encoder, dataset, args, accelerator.device, weight_dtype)
+    cache = Cache(base.vae, base.tokenizer, base.text_encoder, dataset, args, accelerator.device, base.dtype)
 
-    lr = args.learning_rate * (args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes if args.scale_lr else 1)
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    scale = args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes if args.scale_lr else 1
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate * scale, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     per_epoch = steps_per_epoch(math.ceil(len(loader) / accelerator.num_processes), args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or args.num_train_epochs * per_epoch
     lr_scheduler = get_scheduler(
@@ -262,24 +331,7 @@ def main(args) -> dict | None:
     per_epoch = steps_per_epoch(len(loader), args.gradient_accumulation_steps)
     epochs = math.ceil(max_steps / per_epoch)
 
-    # checkpoints hold only the new concept's tensors (plus optimizer/scheduler/RNG, via accelerate)
-    def save_hook(_models, weights, directory):
-        if accelerator.is_main_process:
-            tensors = {f"{c}.{k}": v.detach().float().cpu().contiguous() for c, t in trainers.items() for k, v in t.state_dict().items()}
-            save_file(tensors, Path(directory) / CHECKPOINT_WEIGHTS)
-        weights.clear()
-
-    def load_hook(_models, directory):
-        _models.clear()
-        tensors = load_file(Path(directory) / CHECKPOINT_WEIGHTS)
-        for c, t in trainers.items():
-            sd = {k.partition(".")[2]: v for k, v in tensors.items() if k.partition(".")[0] == c}
-            if any(not torch.equal(sd[k].to(v), v) for k, v in t.state_dict().items() if k.endswith((".U", ".V"))):
-                fail(f"checkpoint {directory} was trained against another state of {args.share_path} (its basis differs).")
-            t.load_state_dict(sd)
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
+    checkpoint_only_the_concept(accelerator, trainers, args.share_path)
     if accelerator.is_main_process:
         tracked = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("share-learn-concept", config=tracked)
@@ -311,7 +363,7 @@ def main(args) -> dict | None:
             with accelerator.accumulate(*train_modules):
                 latents = cache.latents(batch)
                 text = cache.text(batch["captions"], encoder=wrapped.get("text_encoder"))
-                loss = denoising_loss(wrapped["unet"], noise_scheduler, latents, text, batch["num_class"], args.prior_loss_weight)
+                loss = denoising_loss(wrapped["unet"], base.noise_scheduler, latents, text, batch["num_class"], args.prior_loss_weight)
                 if not torch.isfinite(loss):
                     fail(f"the loss became {loss.item()} at step {global_step}: stopping; {args.share_path} was not touched. "
                          "Lower --learning_rate or use fp32.")
@@ -330,7 +382,7 @@ def main(args) -> dict | None:
                 if accelerator.is_main_process:
                     report_progress(args, status="training", step=global_step, max_steps=max_steps, loss=loss_value)
                     if args.validation_steps and global_step % args.validation_steps == 0:
-                        preview = build_pipeline(args, base, unet, text_encoder, vae, tokenizer)
+                        preview = base.pipeline(args)
                         image = generate_validation(preview, args, heldout, count=1)[0]
                         atomic_write(output_dir / "preview.png", lambda tmp, image=image: image.save(tmp, format="PNG"))
                 if global_step % args.checkpointing_steps == 0:
@@ -338,24 +390,36 @@ def main(args) -> dict | None:
             if global_step >= max_steps:
                 break
         if args.validation_epochs and (epoch + 1) % args.validation_epochs == 0 and accelerator.is_main_process:
-            images = generate_validation(build_pipeline(args, base, unet, text_encoder, vae, tokenizer), args, heldout)
+            images = generate_validation(base.pipeline(args), args, heldout)
             log_images(accelerator, images, "validation", global_step)
         if global_step >= max_steps:
             break
     progress.close()
     accelerator.wait_for_everyone()
 
-    result = None
-    if accelerator.is_main_process:
-        factors = concept_factors(trainers)
-        pipe = build_pipeline(args, base, unet, text_encoder, vae, tokenizer)
-        trained_loss = eval_loss(pipe, heldout, args.seed)  # the new concept, still in training form
-        detach_new_concept(models)
-        report_progress(args, status="merging", step=global_step, max_steps=max_steps, loss=loss_value)
-        result = finish(args, accelerator, pipe, old_state, factors, heldout, trained_loss, examples, started, global_step)
-        report_progress(args, status="done", step=global_step, max_steps=max_steps, loss=loss_value, report=result)
-    accelerator.end_training()
-    return result
+    return global_step, loss_value
+
+
+def checkpoint_only_the_concept(accelerator, trainers: dict, share_path) -> None:
+    """Checkpoints hold only the new concept's tensors (plus optimizer, scheduler and RNG states, which
+    Accelerate saves); resuming against a Share file whose basis changed since is refused."""
+    def save_hook(_models, weights, directory):
+        if accelerator.is_main_process:
+            tensors = {f"{c}.{k}": v.detach().float().cpu().contiguous() for c, t in trainers.items() for k, v in t.state_dict().items()}
+            save_file(tensors, Path(directory) / CHECKPOINT_WEIGHTS)
+        weights.clear()
+
+    def load_hook(_models, directory):
+        _models.clear()
+        tensors = load_file(Path(directory) / CHECKPOINT_WEIGHTS)
+        for c, t in trainers.items():
+            sd = {k.partition(".")[2]: v for k, v in tensors.items() if k.partition(".")[0] == c}
+            if any(not torch.equal(sd[k].to(v), v) for k, v in t.state_dict().items() if k.endswith((".U", ".V"))):
+                fail(f"checkpoint {directory} was trained against another state of {share_path} (its basis differs).")
+            t.load_state_dict(sd)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
 
 
 class Cache:
@@ -412,7 +476,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, limit: int | None)
     accelerator.save_state(str(output_dir / f"checkpoint-{step}"))
 
 
-def prepare_class_images(args, accelerator, base, dtype):
+def prepare_class_images(args, accelerator, base: Path):
     """Prior preservation: generate missing class images with the base model (as DreamBooth)."""
     if not (args.class_data_dir and args.class_prompt):
         fail("--with_prior_preservation needs --class_data_dir and --class_prompt.")
@@ -431,15 +495,6 @@ def prepare_class_images(args, accelerator, base, dtype):
         del pipe
     accelerator.wait_for_everyone()
     return read_instance_images(folder, args.class_prompt)
-
-
-def build_pipeline(args, base, unet, text_encoder, vae, tokenizer):
-    pipe = DiffusionPipeline.from_pretrained(
-        base, unet=unet, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer, local_files_only=True,
-        safety_checker=None, revision=args.revision, variant=args.variant,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def eval_loss(pipe, heldout, seed) -> float | None:
@@ -466,8 +521,23 @@ def concept_losses(pipe, state: ShareState, seed: int, new_heldout=None, new_nam
     return losses
 
 
-def finish(args, accelerator, pipe, old_state, factors, heldout, trained_loss, examples, started, steps):
+@dataclass
+class Trained:
+    """What training produced, for `finish`."""
+
+    old_state: ShareState  # the file's state the concept joins
+    factors: dict  # the concept as dense factors per layer (`concept_factors`)
+    loss: float | None  # its held-out loss in training form, before the merge
+    examples: list
+    heldout: list
+    steps: int
+    started: float  # time.time() at the start of the run
+
+
+def finish(args, accelerator, pipe, trained: Trained) -> dict:
     """Merge, report, write the Share file atomically, write the model card, validate from the file."""
+    old_state, factors, heldout, trained_loss = trained.old_state, trained.factors, trained.heldout, trained.loss
+    examples, started, steps = trained.examples, trained.started, trained.steps
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -529,25 +599,8 @@ def finetune_after_merge(args, pipe, state: ShareState, examples) -> ShareState:
     for name, layer in zip(trainer.layer_names, trainer.layers):  # start from the merged coefficients
         layer.B = torch.nn.Parameter(state.layers[name].B[c].clone().to(layer.U))
         layer.A = torch.nn.Parameter(state.layers[name].A[c].clone().to(layer.U))
-    params = list(trainer.parameters())
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate * 0.3, weight_decay=0.0)
-    dataset = ConceptDataset(examples, args.resolution, True, args.random_flip)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    step = 0
-    while step < args.finetune_after_merge_steps:
-        for batch in loader:
-            with torch.no_grad():
-                latents = latent_dist(pipe.vae, batch["pixel_values"]).sample() * pipe.vae.config.scaling_factor
-                text = encode_text(pipe.tokenizer, pipe.text_encoder, batch["captions"])
-            loss = denoising_loss(pipe.unet, noise_scheduler, latents, text)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad()
-            step += 1
-            if step >= args.finetune_after_merge_steps:
-                break
+    train_in_process(pipe, list(trainer.parameters()), examples, args.finetune_after_merge_steps, args.learning_rate * 0.3,
+                     batch_size=args.train_batch_size, seed=args.seed, max_grad_norm=args.max_grad_norm)
     detach_new_concept(models)
     with torch.no_grad():
         for name, layer in zip(trainer.layer_names, trainer.layers):

@@ -8,13 +8,12 @@ pipeline and loss (`share_diffusers.training`), so "same data, same loss, same s
 from __future__ import annotations
 
 import torch
-from diffusers import DDPMScheduler
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from share_diffusers.targets import PROJECTIONS
-from share_diffusers.training import ConceptDataset, Example, collate, denoising_loss, encode_text, latent_dist
+from share_diffusers.training import Example, train_in_process
 
 LORA_TARGETS = list(PROJECTIONS["unet"])  # what Diffusers' train_dreambooth_lora.py targets
 
@@ -39,26 +38,7 @@ def train_lora_baseline(pipe, adapter_name: str, examples: list[Example], steps:
     params = [p for name, p in unet.named_parameters() if f".{adapter_name}." in name and "lora_" in name]
     for p in params:
         p.requires_grad_(True)
-    dataset = ConceptDataset(examples, pipe.unet.config.sample_size * pipe.vae_scale_factor, center_crop=center_crop, seed=seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate,
-                                         generator=torch.Generator().manual_seed(seed))
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
-    step, epoch = 0, 0
-    while step < steps:
-        dataset.set_epoch(epoch)
-        for batch in loader:
-            with torch.no_grad():
-                latents = latent_dist(pipe.vae, batch["pixel_values"]).sample(generator) * pipe.vae.config.scaling_factor
-                text = encode_text(pipe.tokenizer, pipe.text_encoder, batch["captions"])
-            denoising_loss(unet, noise_scheduler, latents, text, generator=generator).backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step(), optimizer.zero_grad()
-            step += 1
-            if step == steps:
-                break
-        epoch += 1
+    train_in_process(pipe, params, examples, steps, lr, batch_size=batch_size, seed=seed, center_crop=center_crop)
     for p in params:
         p.requires_grad_(False)
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
