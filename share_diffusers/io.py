@@ -280,7 +280,7 @@ def _check_entry(name: str, entry) -> _Entry:
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise _Invalid(f"not a readable safetensors file (corrupted?): the entry of tensor {name} is {str(entry)[:80]}.")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise _Invalid(f"tensor {name} has dtype {dtype!r}; Share tensors are floating point ({', '.join(DTYPES)}).")
     if not isinstance(shape, list) or len(shape) > 8 or not isinstance(offsets, list) or len(offsets) != 2:
         raise _Invalid(f"not a readable safetensors file (corrupted?): tensor {name} has shape {shape!r}, offsets {offsets!r}.")
@@ -319,7 +319,7 @@ def _check_tensors(layout: _Layout, entries: dict[str, tuple[int, ...]]) -> None
         if tuple(entries[name]) != shape:
             raise _Invalid(f"tensor {name} has shape {tuple(entries[name])}, the header says {shape}.")
     stored = sum(math.prod(shape) for name, shape in layout.shapes.items() if not name.startswith("basis."))
-    stacked = sum(len(layout.widths) * k * layout.width for _, _, k in layout.layers.values())
+    stacked = sum(2 * len(layout.widths) * k * layout.width for _, _, k in layout.layers.values())  # B and A
     if stacked > max(MAX_EXPANSION * stored, MIN_STACKED):
         raise _Invalid(f"its concepts' widths p (up to {layout.width}) would stack to {stacked} coefficients from "
                        f"{stored} stored; refused (corrupted header?).")
