@@ -125,12 +125,14 @@ def main(argv=None) -> dict:
     goals = {1000: 1.0, 10000: 10.0}
     met = {C: all(r[t] <= goals[C] for r in rows if r["layout"] == "v2" and r["concepts"] == C for t in ("save_s", "read_s"))
            for C in goals if any(r["concepts"] == C for r in rows)}
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (a shared machine)")
     print("goals (v2, save and read each): " + ", ".join(f"≤ {goals[C]:g} s at {C:,}: {'met' if ok else 'NOT met'}"
                                                         for C, ok in met.items()))
     result = {
         "command": "python benchmarks/file_scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "processor": platform.processor(),
-                    "torch": torch.__version__, "python": platform.python_version()},
+                    "torch": torch.__version__, "python": platform.python_version(),
+                    "load_average_1_5_15_min_after": [round(x, 2) for x in os.getloadavg()]},
         "setup": {"layers": len(shapes), "k": args.k, "p": args.p, "repeats": args.repeats,
                   "metadata": "learn_concept.py's fields, 5 merge errors per concept"},
         "goals_s": {str(C): g for C, g in goals.items()},
