@@ -529,7 +529,7 @@ def save_share(
     ``read_share``'s ``header["file_token"]`` or `file_token`), the file is written only if it is
     still that file, else `ShareFileChangedError`. `ShareFileLockedError` after ``timeout`` s.
     """
-    path = Path(path)
+    path = Path(os.path.realpath(path))  # through a symlink, replace its target, not the link
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; save the Share file to a file path (e.g. {path / DEFAULT_WEIGHT_NAME}).")
     try:
@@ -615,7 +615,7 @@ def lock_path(path: str | os.PathLike) -> Path:
 @contextlib.contextmanager
 def _lock(path: Path, timeout: float = LOCK_TIMEOUT):
     """Hold the advisory lock of ``path`` (re-entrant within a thread)."""
-    key = os.path.abspath(lock_path(path))
+    key = str(lock_path(os.path.realpath(path)))  # one lock however the path is spelled (symlinks, "..")
     held = getattr(_held, "depth", None)
     if held is None:
         held = _held.depth = {}

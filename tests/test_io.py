@@ -623,6 +623,12 @@ def test_locked_is_reentrant_and_reports_no_file(tmp_path):
         assert current.state is None and current.header is None and current.token == ABSENT
         current.save(small_state())  # save_share inside the block does not wait for its own lock
         save_share(small_state(seed=1), path, timeout=1, expected=current.token)
+        (tmp_path / "sub").mkdir()
+        os.symlink(path, tmp_path / "link.safetensors")
+        for spelling in (tmp_path / "sub" / ".." / "s.safetensors", tmp_path / "link.safetensors"):
+            save_share(small_state(seed=1), spelling, timeout=1)  # the same lock, however the path is spelled
+        assert (tmp_path / "link.safetensors").is_symlink()  # the link still points to the file written
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["link.safetensors", "s.safetensors", "s.safetensors.lock", "sub"]
     with locked(path, timeout=1) as current:
         assert_same(current.state, small_state(seed=1))
         assert current.token == current.header["file_token"] == file_token(path)
