@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -32,9 +33,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPTextModel
 
-from share_diffusers import ShareConfig, ShareFileError, ShareState, read_share, save_share
+from share_diffusers import ShareConfig, ShareFileError, ShareState, read_share
 from share_diffusers.config import resolve_config, stored_config
-from share_diffusers.io import atomic_write, write_model_card
+from share_diffusers.io import ABSENT, DEFAULT_WEIGHT_NAME, atomic_write, locked, write_model_card
 from share_diffusers.lora import write_lora
 from share_diffusers.pipeline import check_compatible
 from share_diffusers.subspace import balance
@@ -60,6 +61,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 logger = get_logger(__name__)
 DEMO_CONCEPT = ROOT / "assets" / "concepts" / "striped-blob-00"
+WRITE_WAIT = 3600.0  # seconds to wait for another writer of the Share file (e.g. another concept's merge)
 CHECKPOINT_WEIGHTS = "share_new_concept.safetensors"
 
 
@@ -160,9 +162,14 @@ def load_state(args, base_shapes, train_shapes) -> tuple[ShareState, ShareConfig
     ``train_shapes`` are the layers this run trains; the file gains any it does not adapt yet.
     """
     path = Path(args.share_path)
-    stored, state = None, ShareState.empty(train_shapes)
+    if path.is_dir():
+        fail(f"--share_path {path} is a folder; give the Share file's path, e.g. {path / DEFAULT_WEIGHT_NAME}.")
+    if not os.access(path.parent if path.parent.exists() else Path("."), os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        fail(f"--share_path {path} cannot be written (no permission): checked before training, so no training is lost.")
+    stored, state, args.share_token = None, ShareState.empty(train_shapes), ABSENT
     if path.exists():
         state, header = read_share(path)
+        args.share_token = header["file_token"]
         check_compatible(state.shapes, base_shapes, f"The Share file {path}")
         if args.concept_name in state.names and not args.overwrite_concept:
             fail(f"{path} already has a concept named {args.concept_name!r}; pass --overwrite_concept to replace it.")
@@ -553,27 +560,17 @@ def finish(args, accelerator, pipe, trained: Trained) -> dict:
                           f"base/trained held-out loss {base_loss} / {trained_loss}).")
         return {"lora_path": str(path), "heldout_loss_base": base_loss, "heldout_loss_trained": trained_loss}
 
-    losses_before = concept_losses(pipe, old_state, args.seed) if old_state.concepts else {}
-    new_state, merge_report = old_state.merge(
-        {args.concept_name: factors}, meta={args.concept_name: meta}, **args.config.merge_kwargs()
-    )
-    if args.finetune_after_merge_steps:
-        new_state = finetune_after_merge(args, pipe, new_state, examples)
-    losses_after = concept_losses(pipe, new_state, args.seed, heldout, args.concept_name)
-
-    report = {"concept": args.concept_name, "share_path": str(args.share_path), "steps": steps,
-              "wall_time_s": round(time.time() - started, 1), "concepts": {}}
-    for name in new_state.names:
-        entry = {"merge_error": merge_report[name]["overall"], "heldout_loss_before": losses_before.get(name),
-                 "heldout_loss_after": losses_after.get(name)}
-        if name == args.concept_name:
-            entry.update(heldout_loss_before=trained_loss, heldout_loss_base=base_loss)
-        report["concepts"][name] = entry
-    for concept in new_state.concepts:  # keep the figures in the file's history too
-        if concept["name"] == args.concept_name:
-            concept.update(heldout_loss_base=base_loss, heldout_loss_trained=trained_loss, heldout_loss_merged=losses_after.get(args.concept_name))
-    config = args.config.to_dict()
-    save_share(new_state, args.share_path, config=config)
+    try:  # other writers wait; if one saved while this run trained, merge into what it saved
+        with locked(args.share_path, timeout=WRITE_WAIT) as current:
+            if current.token != args.share_token:
+                old_state = joined_state(args, current.state, old_state)
+                accelerator.print(f"{args.share_path} changed while training (another writer); merging into its new version.")
+            new_state, report, config = merge_and_report(args, pipe, old_state, trained, meta, base_loss)
+            current.save(new_state, config)
+    except (OSError, ShareFileError) as e:  # e.g. disk full, the lock timed out, the file became invalid
+        path = write_lora(factors, output_dir / "unsaved_concept.safetensors")
+        fail(f"could not write {args.share_path} ({type(e).__name__}: {e}). The trained concept is kept as a LoRA file, {path}: "
+             "fold it in with train/compress_loras.py, or load it with pipe.load_lora_weights.")
     write_model_card(Path(args.share_path), new_state, config)
     (output_dir / "report.json").write_text(json.dumps(report, indent=2))
     accelerator.print(format_report(report, new_state))
@@ -588,6 +585,45 @@ def finish(args, accelerator, pipe, trained: Trained) -> dict:
     accelerator.print(f"Wrote {args.share_path} ({Path(args.share_path).stat().st_size / 1024:.1f} KiB, "
                       f"{len(new_state.names)} concepts) in {time.time() - started:.0f} s; report in {output_dir / 'report.json'}")
     return report
+
+
+def joined_state(args, current: ShareState | None, old_state: ShareState) -> ShareState:
+    """The state to merge into when another writer saved the file during training: its new
+    version, with this run's layers (the base model was checked against the file at the start)."""
+    if current is None:
+        fail(f"{args.share_path} was deleted while training; nothing was written.")
+    state = with_layers(current, old_state.shapes)
+    if args.concept_name in state.names:
+        if not args.overwrite_concept:
+            raise LearnError(f"another writer added a concept named {args.concept_name!r} to {args.share_path} while this "
+                             "one trained")
+        state, _ = state.remove(args.concept_name, **args.config.merge_kwargs())
+    return state
+
+
+def merge_and_report(args, pipe, old_state: ShareState, trained: Trained, meta: dict, base_loss):
+    """The merge, the optional post-merge fine-tune, and what they did to every concept."""
+    losses_before = concept_losses(pipe, old_state, args.seed) if old_state.concepts else {}
+    new_state, merge_report = old_state.merge(
+        {args.concept_name: trained.factors}, meta={args.concept_name: meta}, **args.config.merge_kwargs()
+    )
+    if args.finetune_after_merge_steps:
+        new_state = finetune_after_merge(args, pipe, new_state, trained.examples)
+    losses_after = concept_losses(pipe, new_state, args.seed, trained.heldout, args.concept_name)
+    trained_loss, steps = trained.loss, trained.steps
+
+    report = {"concept": args.concept_name, "share_path": str(args.share_path), "steps": steps,
+              "wall_time_s": round(time.time() - trained.started, 1), "concepts": {}}
+    for name in new_state.names:
+        entry = {"merge_error": merge_report[name]["overall"], "heldout_loss_before": losses_before.get(name),
+                 "heldout_loss_after": losses_after.get(name)}
+        if name == args.concept_name:
+            entry.update(heldout_loss_before=trained_loss, heldout_loss_base=base_loss)
+        report["concepts"][name] = entry
+    for concept in new_state.concepts:  # keep the figures in the file's history too
+        if concept["name"] == args.concept_name:
+            concept.update(heldout_loss_base=base_loss, heldout_loss_trained=trained_loss, heldout_loss_merged=losses_after.get(args.concept_name))
+    return new_state, report, args.config.to_dict()
 
 
 def finetune_after_merge(args, pipe, state: ShareState, examples) -> ShareState:
