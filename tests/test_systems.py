@@ -1,4 +1,4 @@
-"""The mechanisms the systems benchmark (benchmarks/systems.py) relies on, and its --quick run.
+"""The mechanisms the systems benchmark (``python -m benchmarks.systems``) relies on, and its --quick run.
 
 No timing assertions here: timings belong to the benchmark. These tests check the behaviour that
 makes the timings possible (no recompilation, no model walk on a switch, linear merge work, the
@@ -13,8 +13,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import share_diffusers  # noqa: F401
-from benchmarks import systems
+from benchmarks.systems import cli
+from benchmarks.systems.harness import build_model, load_loras, make_pipeline, meta_shapes, peft_mixed_batch, synthetic_state, unet_inputs
+from benchmarks.systems.training import train_worker
+from share_diffusers.io import save_share
 from share_diffusers.subspace import LayerShare, NewConcept, ShareState, share_delta
+from share_diffusers.targets import pipeline_shapes
 from share_lab.tiny_pipelines import random_share, tiny_sd
 
 
@@ -85,10 +89,10 @@ def test_training_forward_uses_rank_p_factors_and_equals_the_expanded_form():
 
 def test_a_switch_touches_only_the_selected_concepts_and_never_walks_the_model(tmp_path, monkeypatch):
     pipe = tiny_sd()
-    shapes = systems.pipeline_shapes(pipe)
+    shapes = pipeline_shapes(pipe)
     flops = {}
     for C in (3, 300):
-        systems.save_share(systems.synthetic_state(shapes, C, k=8, p=1), tmp_path / f"s{C}.safetensors")
+        save_share(synthetic_state(shapes, C, k=8, p=1), tmp_path / f"s{C}.safetensors")
         pipe.load_share(tmp_path / f"s{C}.safetensors")
         walks = []
         for method in ("named_modules", "named_children"):
@@ -165,7 +169,7 @@ def test_merge_work_grows_linearly_with_the_number_of_concepts():
     shapes = {"a": (64, 48), "b": (40, 64)}
     flops = {}
     for C in (100, 400):
-        state = systems.synthetic_state(shapes, C, k=8, p=1)
+        state = synthetic_state(shapes, C, k=8, p=1)
         new = {"new": {l: (torch.randn(n, 1), torch.randn(d, 1)) for l, (n, d) in shapes.items()}}
         with FlopCounterMode(display=False) as fc:
             merged, report = state.merge(new, k_max=8)
@@ -176,7 +180,7 @@ def test_merge_work_grows_linearly_with_the_number_of_concepts():
 
 def test_merge_with_many_concepts_keeps_every_concept_exact_when_nothing_is_truncated():
     shapes = {"a": (24, 20)}
-    state = systems.synthetic_state(shapes, 500, k=6, p=1)
+    state = synthetic_state(shapes, 500, k=6, p=1)
     layer = state.layers["a"]
     inside = (layer.U @ torch.randn(6, 1), layer.V @ torch.randn(6, 1))  # within the old span: k stays 6
     merged, report = state.merge({"new": {"a": inside}}, k_max=6)
@@ -190,10 +194,10 @@ def test_merge_with_many_concepts_keeps_every_concept_exact_when_nothing_is_trun
 
 def test_peft_mixed_batch_helper_equals_one_adapter_at_a_time():
     pipe = tiny_sd()
-    shapes = systems.pipeline_shapes(pipe)
-    systems.load_loras(pipe, shapes, ["l0", "l1", "l2"], 4, ("unet",))
+    shapes = pipeline_shapes(pipe)
+    load_loras(pipe, shapes, ["l0", "l1", "l2"], 4, ("unet",))
     x, t, e = unet_args(pipe.unet, 3)
-    with torch.no_grad(), systems.peft_mixed_batch(pipe.unet, ["l0", "l1", "l2"]):
+    with torch.no_grad(), peft_mixed_batch(pipe.unet, ["l0", "l1", "l2"]):
         mixed = pipe.unet(x, t, e).sample
     with torch.no_grad():
         for i in range(3):
@@ -204,9 +208,9 @@ def test_peft_mixed_batch_helper_equals_one_adapter_at_a_time():
 
 def test_training_measurement_counts_adam_state_and_trainable_parameters():
     spec = dict(arch="tiny", device="cpu", dtype="fp32", batch=1, size=8, warmup=1, repeats=1, threads=None)
-    lora = systems.train_worker(dict(spec, variant="lora-r4"))
-    share = systems.train_worker(dict(spec, variant="share-phi2"))
-    shapes = [s for name, s in systems.meta_shapes("tiny").items() if name.startswith("unet.")]
+    lora = train_worker(dict(spec, variant="lora-r4"))
+    share = train_worker(dict(spec, variant="share-phi2"))
+    shapes = [s for name, s in meta_shapes("tiny").items() if name.startswith("unet.")]
     assert lora["trainable"] == sum(4 * (n + d) for n, d in shapes)
     assert share["trainable"] == sum(2 * min(16, n, d) + 2 * (n + d) + 2 * 2 for n, d in shapes)
     for r in (lora, share):
@@ -218,19 +222,19 @@ def test_training_measurement_counts_adam_state_and_trainable_parameters():
     ("sdxl", {"unet": 560, "text_encoder": 48, "text_encoder_2": 128}, {"unet": 2567.46, "text_encoder": 123.06, "text_encoder_2": 694.66}),
 ])
 def test_kept_configs_are_the_public_architectures(arch, layers, params):
-    shapes = systems.meta_shapes(arch)
+    shapes = meta_shapes(arch)
     for component, count in layers.items():
         assert sum(1 for n in shapes if n.startswith(component + ".")) == count
-        model = systems.build_model(arch, component, meta=True)
+        model = build_model(arch, component, meta=True)
         assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(params[component], abs=0.01)
 
 
 def test_sd15_unet_and_text_encoder_inject_share_and_train_one_step(tmp_path):
-    pipe = systems.make_pipeline("sd15")
-    shapes = systems.pipeline_shapes(pipe)
+    pipe = make_pipeline("sd15")
+    shapes = pipeline_shapes(pipe)
     assert len(shapes) == 176
-    systems.save_share(systems.synthetic_state(shapes, 3), tmp_path / "s.safetensors")
-    args, kw = systems.unet_inputs(pipe.unet, 1, 8)  # 64 px: reduced resolution
+    save_share(synthetic_state(shapes, 3), tmp_path / "s.safetensors")
+    args, kw = unet_inputs(pipe.unet, 1, 8)  # 64 px: reduced resolution
     ids = torch.randint(0, 500, (1, 77))
     with torch.no_grad():
         base = pipe.unet(*args).sample
@@ -260,11 +264,11 @@ def test_sd15_unet_and_text_encoder_inject_share_and_train_one_step(tmp_path):
 
 
 def test_quick_benchmark_runs_end_to_end(tmp_path):
-    results = systems.main(["--quick", "--out", str(tmp_path)])
+    results = cli.main(["--quick", "--out", str(tmp_path)])
     for name in ("systems.json", "systems.md", "systems.png"):
         assert (tmp_path / name).stat().st_size > 0
     saved = json.loads((tmp_path / "systems.json").read_text())
-    assert set(saved["sections"]) == set(systems.SECTIONS)
+    assert set(saved["sections"]) == set(cli.SECTIONS)
     by = {(t["section"], t["what"]): t for t in saved["targets"]}
     assert len(by) >= 14 and all({"value", "goal", "met"} <= set(t) for t in by.values())
     assert results["sections"]["compile"]["rows"][0]["new_graphs"] == 0
