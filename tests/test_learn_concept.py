@@ -16,6 +16,7 @@ import torch
 
 import share_diffusers  # noqa: F401
 from share_diffusers import read_share, share_to_lora
+from share_diffusers.lora import read_lora
 from share_diffusers.targets import pipeline_shapes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,7 +99,7 @@ def test_two_processes_write_one_valid_file(tmp_path):
 def test_compress_loras_round_trips(tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from share_diffusers.lora import read_lora, write_lora
+    from share_diffusers.lora import write_lora
 
     pipe = StableDiffusionPipeline.from_pretrained(BASE, local_files_only=True)
     shapes = pipeline_shapes(pipe, ["unet"])
@@ -208,3 +209,37 @@ def test_a_share_file_keeps_its_basis_settings_unless_rebased(tmp_path):
     assert header["config"]["basis_rank"] == 3 and header["config"]["num_extra_directions"] == 3
     assert header["config"]["coef_rank"] == 2
     assert max(layer.k for layer in state.layers.values()) <= 3
+
+
+def test_two_concurrent_runs_on_one_file_keep_both_concepts(tmp_path, existing_share):
+    """Both runs read the same file; whichever writes second merges into what the first wrote."""
+    share, _ = existing_share
+    runs = [learn(tmp_path, i, share, "--max_train_steps", "8", start_new_session=True) for i in (6, 7)]
+    outputs = [run.communicate(timeout=600)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    state, _ = read_share(share)
+    assert sorted(state.names) == sorted([concept(4).name, concept(6).name, concept(7).name])
+    assert any("changed while training" in out for out in outputs)  # the second writer noticed, and merged
+
+
+def test_a_write_that_fails_after_training_keeps_the_concept(tmp_path, existing_share):
+    """Disk full at the final write: the Share file is untouched and the trained concept is saved beside the run."""
+    share, original = existing_share
+    code = f"""
+import errno, runpy, sys
+import share_diffusers.io as io
+def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+io.save_file = full
+sys.argv = [{str(SCRIPT)!r}] + sys.argv[1:]
+runpy.run_path({str(SCRIPT)!r}, run_name="__main__")
+"""
+    args = ["--pretrained_model_name_or_path", BASE, "--instance_data_dir", concept(5) / "train", "--share_path", share,
+            "--output_dir", tmp_path / "run5", *FAST]
+    result = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode != 0
+    assert re.search(r"could not write .*No space left.*kept as a LoRA file.*unsaved_concept.safetensors", result.stderr, re.S), result.stderr[-2000:]
+    assert share.read_bytes() == original
+    lora = read_lora(tmp_path / "run5" / "unsaved_concept.safetensors")
+    assert lora and all(B.abs().sum() > 0 for B, _ in lora.values())
