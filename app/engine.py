@@ -32,8 +32,8 @@ from PIL import PngImagePlugin
 
 import share_diffusers
 from share_diffusers import ShareFileError, read_share, save_share, share_to_lora
+from share_diffusers.card import write_model_card
 from share_diffusers.config import stored_config
-from share_diffusers.io import write_model_card
 
 from .files import TRAIN_SCRIPT, Loaded, concept_table, file_sha256, file_signature, file_summary
 from .jobs import LearnJob

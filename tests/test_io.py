@@ -28,6 +28,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import share_diffusers.io as io
+import share_diffusers.locking as locking
+from share_diffusers.card import write_model_card
 from share_diffusers.io import (
     ABSENT,
     ShareFileChangedError,
@@ -564,9 +566,9 @@ def test_writes_keep_the_file_mode_and_new_files_get_the_umask(tmp_path):
             save_share(small_state(seed=1), path)
             assert stat.S_IMODE(path.stat().st_mode) == mode
         card = tmp_path / "README.md"
-        io.write_model_card(path, small_state())
+        write_model_card(path, small_state())
         card.chmod(0o644)
-        io.write_model_card(path, small_state([1]))
+        write_model_card(path, small_state([1]))
         assert stat.S_IMODE(card.stat().st_mode) == 0o644
     finally:
         os.umask(old)
@@ -713,7 +715,7 @@ def test_locked_is_reentrant_and_reports_no_file(tmp_path):
 
 
 def test_without_fcntl_writes_go_unlocked_with_a_warning(tmp_path, monkeypatch):
-    monkeypatch.setattr(io, "fcntl", None)
+    monkeypatch.setattr(locking, "fcntl", None)
     with pytest.warns(RuntimeWarning, match="without a lock"):
         save_share(small_state(), tmp_path / "s.safetensors")
     assert_same(read_share(tmp_path / "s.safetensors")[0], small_state())

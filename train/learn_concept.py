@@ -34,8 +34,9 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPTextModel
 
 from share_diffusers import ShareConfig, ShareFileError, ShareState, read_share
+from share_diffusers.card import write_model_card
 from share_diffusers.config import resolve_config, stored_config
-from share_diffusers.io import ABSENT, DEFAULT_WEIGHT_NAME, atomic_write, locked, write_model_card
+from share_diffusers.io import ABSENT, DEFAULT_WEIGHT_NAME, atomic_write, locked
 from share_diffusers.lora import write_lora
 from share_diffusers.pipeline import check_compatible
 from share_diffusers.subspace import balance
