@@ -34,6 +34,9 @@ __all__ = [
 ]
 
 
+MERGE_HISTORY = 16  # merge errors kept per concept (the most recent)
+
+
 # ----------------------------------------------------------------------------- the delta
 
 
@@ -272,7 +275,8 @@ class ShareState:
 
         Returns the new state and a report ``{concept: {"overall": e, "layers": {layer: e}}}``
         of relative merge errors ``‖ΔW − ΔŴ‖_F / ‖ΔW‖_F`` (the data-free forgetting of this
-        merge), which is also appended to each concept's ``merge_errors`` history. A layer a
+        merge), which is also appended to each concept's ``merge_errors`` history (its last
+        ``MERGE_HISTORY`` entries: a file's header must not grow with C²). A layer a
         new concept does not touch counts as a zero delta there. ``self`` is left unchanged.
         """
         new, meta = new or {}, meta or {}
@@ -311,7 +315,8 @@ class ShareState:
         report = {}
         for i, c in enumerate(names):
             report[c] = {"overall": overall[i], "layers": dict(zip(layers, rel[i]))}
-            concepts[i]["merge_errors"].append(round(overall[i], 8))
+            history = concepts[i]["merge_errors"] + [round(overall[i], 8)]
+            concepts[i]["merge_errors"] = history[-MERGE_HISTORY:]
         return ShareState(layers, concepts), report
 
     def remove(self, name: str, k_max: int = 64, energy: float | None = None) -> tuple[ShareState, dict]:

@@ -148,3 +148,15 @@ def test_mixing_is_the_weighted_sum_of_deltas_and_remove_refits():
         torch.testing.assert_close(rest.delta("l", {name: 1}), state.delta("l", {name: 1}), atol=1e-10, rtol=0)
     with pytest.raises(KeyError, match="Unknown Share concept 'zz'"):
         state.weights({"zz": 1.0})
+
+
+def test_the_merge_error_history_is_capped():
+    """A concept keeps its last MERGE_HISTORY merge errors: the file's header must not grow with C²."""
+    from share_diffusers.subspace import MERGE_HISTORY
+
+    torch.manual_seed(0)
+    state = ShareState.empty({"l": (6, 5)})
+    for c in range(MERGE_HISTORY + 4):
+        state, _ = state.merge({f"c{c}": {"l": (torch.randn(6, 1), torch.randn(5, 1))}}, k_max=3)
+    assert len(state.concepts[0]["merge_errors"]) == MERGE_HISTORY
+    assert len(state.concepts[-1]["merge_errors"]) == 1
