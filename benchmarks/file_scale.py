@@ -34,8 +34,9 @@ import torch
 
 import share_lab
 from share_diffusers.io import read_share, save_share
-from share_diffusers.subspace import LayerShare, ShareState
+from share_diffusers.subspace import ShareState
 from share_lab.share_v1 import save_share_v1
+from share_lab.tiny_pipelines import synthetic_state
 
 DEMO = share_lab.DEMO_SHARE
 
@@ -45,13 +46,9 @@ def tiny_base_shapes() -> dict[str, tuple[int, int]]:
     return read_share(DEMO)[0].shapes
 
 
-def synthetic_state(shapes: dict[str, tuple[int, int]], C: int, k: int = 16, p: int = 1, seed: int = 0) -> ShareState:
-    g = torch.Generator().manual_seed(seed)
-    layers = {}
-    for name, (n, d) in shapes.items():
-        U = torch.linalg.qr(torch.randn(n, k, generator=g))[0]
-        V = torch.linalg.qr(torch.randn(d, k, generator=g))[0]
-        layers[name] = LayerShare(U, V, torch.randn(C, k, p, generator=g) * 0.1, torch.randn(C, k, p, generator=g) * 0.1)
+def state_with_metadata(shapes: dict[str, tuple[int, int]], C: int, k: int = 16, p: int = 1, seed: int = 0) -> ShareState:
+    """A synthetic state whose concepts carry what learn_concept.py stores for each."""
+    layers = synthetic_state(shapes, C, k=k, p=p, seed=seed, scale=0.1).layers
     concepts = [
         {"name": f"concept-{i:05d}", "trigger": f"tok{i:05d}", "prompt": f"a photo of tok{i:05d}", "steps": 400,
          "date": "2026-12-01T10:00:00+00:00", "num_images": 5, "coef_rank": p, "num_extra_directions": 2,
@@ -101,7 +98,7 @@ def main(argv=None) -> dict:
     rows = []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         for C in args.concepts:
-            state = synthetic_state(shapes, C, args.k, args.p)
+            state = state_with_metadata(shapes, C, args.k, args.p)
             for layout in ["v1", "v2"] if C in args.v1 else ["v2"]:
                 rows.append(measure(state, Path(tmp) / f"{layout}-{C}.safetensors", layout, args.repeats))
                 print(f"  {layout} at {C} concepts: save {rows[-1]['save_s']:.3f} s, read {rows[-1]['read_s']:.3f} s",

@@ -43,6 +43,7 @@ from share_diffusers.io import (
 )
 from share_diffusers.subspace import LayerShare, ShareState
 from share_lab.share_v1 import save_share_v1
+from share_lab.tiny_pipelines import synthetic_state
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "assets" / "demo.share.safetensors"
@@ -52,17 +53,10 @@ WIDTHS = [1, 2, 1]  # concept "owl" is 2 wide, so the others are zero-padded in 
 
 
 def small_state(widths=WIDTHS, seed=0, dtype=torch.float32) -> ShareState:
-    g = torch.Generator().manual_seed(seed)
-    P = max(widths, default=1)
-    layers = {}
-    for name, (n, d) in SHAPES.items():
-        k = KS[name]
-        U = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))[0].to(dtype)
-        V = torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64))[0].to(dtype)
-        B, A = (torch.randn(len(widths), k, P, generator=g, dtype=torch.float64).to(dtype) for _ in "BA")
+    layers = synthetic_state(SHAPES, len(widths), k=KS, p=max(widths, default=1), seed=seed, scale=1.0, dtype=dtype).layers
+    for layer in layers.values():
         for i, p in enumerate(widths):
-            B[i, :, p:] = A[i, :, p:] = 0
-        layers[name] = LayerShare(U, V, B, A)
+            layer.B[i, :, p:] = layer.A[i, :, p:] = 0
     names = (["cat", "owl", "dog", "emu", "yak"] + [f"concept-{i}" for i in range(5, len(widths))])[: len(widths)]
     concepts = [{"name": c, "trigger": f"<{c}>", "steps": 10, "merge_errors": [0.0, 0.01]} for c in names]
     return ShareState(layers, concepts)

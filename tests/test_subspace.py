@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from share_diffusers.subspace import LayerShare, NewConcept, ShareState, balance, share_delta
+from share_diffusers.subspace import MERGE_HISTORY, LayerShare, NewConcept, ShareState, balance, share_delta
+from share_lab.tiny_pipelines import synthetic_state
 
 torch.manual_seed(0)
 
@@ -13,15 +14,8 @@ def orthonormal(n, k):
 
 
 def random_state(shapes, num_concepts, k, p, seed=0):
-    """A state with an arbitrary orthonormal basis and random concepts in it."""
-    g = torch.Generator().manual_seed(seed)
-    layers = {}
-    for name, (n, d) in shapes.items():
-        U = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))[0]
-        V = torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64))[0]
-        B, A = torch.randn(num_concepts, k, p, generator=g, dtype=torch.float64), torch.randn(num_concepts, k, p, generator=g, dtype=torch.float64)
-        layers[name] = LayerShare(U, V, B, A)
-    return ShareState(layers, [{"name": f"c{i}"} for i in range(num_concepts)])
+    """A state with an arbitrary orthonormal basis and random concepts in it (float64)."""
+    return synthetic_state(shapes, num_concepts, k=k, p=p, seed=seed, scale=1.0, dtype=torch.float64)
 
 
 def test_share_delta_matches_dense_for_one_core_and_per_sample_cores():
@@ -152,8 +146,6 @@ def test_mixing_is_the_weighted_sum_of_deltas_and_remove_refits():
 
 def test_the_merge_error_history_is_capped():
     """A concept keeps its last MERGE_HISTORY merge errors: the file's header must not grow with C²."""
-    from share_diffusers.subspace import MERGE_HISTORY
-
     torch.manual_seed(0)
     state = ShareState.empty({"l": (6, 5)})
     for c in range(MERGE_HISTORY + 4):

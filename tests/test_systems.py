@@ -14,12 +14,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import share_diffusers  # noqa: F401
 from benchmarks.systems import cli
-from benchmarks.systems.harness import build_model, load_loras, make_pipeline, meta_shapes, peft_mixed_batch, synthetic_state, unet_inputs
+from benchmarks.systems.harness import build_model, load_loras, make_pipeline, meta_shapes, peft_mixed_batch, unet_inputs
 from benchmarks.systems.training import train_worker
 from share_diffusers.io import save_share
 from share_diffusers.subspace import LayerShare, NewConcept, ShareState, share_delta
 from share_diffusers.targets import pipeline_shapes
-from share_lab.tiny_pipelines import random_share, tiny_sd
+from share_lab.tiny_pipelines import random_share, synthetic_state, tiny_sd
 
 
 @pytest.fixture(autouse=True)

@@ -9,9 +9,10 @@ import random
 import tempfile
 from pathlib import Path
 
-from benchmarks.systems.harness import ARCH_NAMES, Bench, free, load_loras, make_pipeline, med, random_lora, synthetic_state, target, unet_inputs
+from benchmarks.systems.harness import ARCH_NAMES, Bench, free, load_loras, make_pipeline, med, random_lora, target, unet_inputs
 from share_diffusers.io import save_share
 from share_diffusers.targets import pipeline_shapes
+from share_lab.tiny_pipelines import synthetic_state
 
 
 def _graphs() -> int:

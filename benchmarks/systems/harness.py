@@ -21,7 +21,6 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from transformers.initialization import no_init_weights
 
 import share_diffusers  # noqa: F401  (installs pipe.load_share & co.)
-from share_diffusers.subspace import LayerShare, ShareState
 from share_diffusers.targets import find_targets, layer_shape
 from share_lab.tiny_pipelines import SDXL_UNET, tokenizer_dir  # the test suite's tiny SDXL UNet, offline tokenizer
 
@@ -165,21 +164,6 @@ def unet_inputs(unet, batch: int, size: int, seed=0, tokens=77):
 
 
 # ----------------------------------------------------------------------------- Share and LoRA data
-
-
-def synthetic_state(shapes: dict, concepts: int, k=K, p=P, seed=0, scale=0.05) -> ShareState:
-    """A Share state with ``concepts`` concepts: random orthonormal bases (k per side), random
-    balanced coefficients. What a trained file holds, as far as speed and size are concerned."""
-    g = torch.Generator().manual_seed(seed)
-    layers = {}
-    for name, (n, d) in shapes.items():
-        kk = min(k, n, d)
-        U = torch.linalg.qr(torch.randn(n, kk, generator=g))[0]
-        V = torch.linalg.qr(torch.randn(d, kk, generator=g))[0]
-        B = torch.randn(concepts, kk, p, generator=g) * scale
-        A = torch.randn(concepts, kk, p, generator=g) * scale
-        layers[name] = LayerShare(U, V, B, A)
-    return ShareState(layers, [{"name": f"c{i}", "trigger": f"<c{i}>"} for i in range(concepts)])
 
 
 def random_lora(shapes: dict, rank: int, seed: int, components=("unet", "text_encoder")) -> dict:

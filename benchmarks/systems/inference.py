@@ -24,12 +24,12 @@ from benchmarks.systems.harness import (
     peft_mixed_batch,
     sibling_pipeline,
     spread,
-    synthetic_state,
     target,
     unet_inputs,
 )
 from share_diffusers.io import save_share
 from share_diffusers.targets import pipeline_shapes
+from share_lab.tiny_pipelines import synthetic_state
 
 
 def paired(times: dict[str, list[float]], base="base") -> dict[str, float]:

@@ -9,7 +9,8 @@ import time
 
 import torch
 
-from benchmarks.systems.harness import ARCH_NAMES, Bench, K, P, log, med, meta_shapes, synthetic_state, target
+from benchmarks.systems.harness import ARCH_NAMES, Bench, K, P, log, med, meta_shapes, target
+from share_lab.tiny_pipelines import synthetic_state
 
 
 def bench_merge(cfg, bench: Bench) -> dict:

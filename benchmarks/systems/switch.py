@@ -12,9 +12,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.systems.harness import ARCH_NAMES, Bench, K, P, free, load_loras, log, make_pipeline, med, random_lora, synthetic_state, target
+from benchmarks.systems.harness import ARCH_NAMES, Bench, K, P, free, load_loras, log, make_pipeline, med, random_lora, target
 from share_diffusers.io import save_share
 from share_diffusers.targets import pipeline_shapes
+from share_lab.tiny_pipelines import synthetic_state
 
 
 def bench_switch(cfg, bench: Bench) -> dict:

@@ -25,11 +25,11 @@ from benchmarks.systems.harness import (
     med,
     memory_kib,
     reset_peak_memory,
-    synthetic_state,
     target,
     unet_inputs,
 )
 from share_diffusers.targets import PROJECTIONS, find_targets, layer_shape
+from share_lab.tiny_pipelines import synthetic_state
 
 
 def train_worker(spec: dict) -> dict:

@@ -17,7 +17,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from share_diffusers.io import save_share
-from share_diffusers.subspace import ShareState
+from share_diffusers.subspace import LayerShare, ShareState
 from share_diffusers.targets import pipeline_shapes
 
 
@@ -98,6 +98,22 @@ def tiny_sdxl(seed=0) -> StableDiffusionXLPipeline:
             text_encoder_2=CLIPTextModelWithProjection(text_config()), tokenizer_2=tokenizer(),
         )
     )
+
+
+def synthetic_state(shapes: dict[str, tuple[int, int]], concepts: int, k: int | dict[str, int] = 16, p: int = 1, seed: int = 0,
+                    scale: float = 0.05, dtype=torch.float32) -> ShareState:
+    """A Share state with random orthonormal bases (``k`` per side, per layer if a dict, at most the
+    layer's size) and random coefficients: what a trained file holds, as far as maths, speed and size
+    are concerned. Concepts are named ``c0``, ``c1``, … with triggers ``<c0>``, …"""
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for name, (n, d) in shapes.items():
+        kk = min(k[name] if isinstance(k, dict) else k, n, d)
+        U = torch.linalg.qr(torch.randn(n, kk, generator=g, dtype=torch.float64))[0].to(dtype)
+        V = torch.linalg.qr(torch.randn(d, kk, generator=g, dtype=torch.float64))[0].to(dtype)
+        B, A = ((torch.randn(concepts, kk, p, generator=g, dtype=torch.float64) * scale).to(dtype) for _ in "BA")
+        layers[name] = LayerShare(U, V, B, A)
+    return ShareState(layers, [{"name": f"c{i}", "trigger": f"<c{i}>"} for i in range(concepts)])
 
 
 def random_share(pipe, path, names=("cat", "dog", "owl"), p=2, scale=0.3, k_max=64, seed=0, components=None):
