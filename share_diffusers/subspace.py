@@ -161,7 +161,8 @@ class LayerShare:
         """Dense ``n × d`` delta of one mix (weights over the C concepts)."""
         return dense_delta(self.U, self.V, self.cores(weights[None])[0])
 
-    def select(self, keep: list[int]) -> LayerShare:
+    def subset(self, keep: list[int]) -> LayerShare:
+        """The layer with only the concepts ``keep`` (by index)."""
         return LayerShare(self.U, self.V, self.B[keep], self.A[keep])
 
     def merge(
@@ -323,7 +324,7 @@ class ShareState:
         """Drop a concept and refit the basis to the remaining ones (a merge with nothing new)."""
         i = self.index(name)
         keep = [j for j in range(len(self.concepts)) if j != i]
-        rest = ShareState({n: l.select(keep) for n, l in self.layers.items()}, [self.concepts[j] for j in keep])
+        rest = ShareState({n: l.subset(keep) for n, l in self.layers.items()}, [self.concepts[j] for j in keep])
         return rest.merge(k_max=k_max, energy=energy)
 
     def rename(self, old: str, new: str) -> ShareState:

@@ -160,7 +160,7 @@ def one_arch(arch: str, cfg, bench: Bench) -> tuple[dict, dict]:
     r["merge_error_after_second"] = {c: v["overall"] for c, v in report.items()}
     tmp = Path(tempfile.mkdtemp(prefix="share-bench-"))
     save_share(state, tmp / "share.safetensors")
-    save_share(ShareState({n: l.select([0]) for n, l in state.layers.items()}, state.concepts[:1]), tmp / "one.safetensors")
+    save_share(ShareState({n: l.subset([0]) for n, l in state.layers.items()}, state.concepts[:1]), tmp / "one.safetensors")
     r["file_bytes_2_concepts"] = (tmp / "share.safetensors").stat().st_size
     r["file_bytes_per_concept_measured"] = r["file_bytes_2_concepts"] - (tmp / "one.safetensors").stat().st_size
     factors = other = None  # free the memory before the next measurement
