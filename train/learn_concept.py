@@ -533,6 +533,8 @@ def stored_heldout(args, state: ShareState) -> dict[str, list]:
         folder = concept.get("heldout_data_dir")
         if not isinstance(folder, str) or not folder:
             continue
+        if not Path(folder).is_absolute() and not Path(folder).is_dir() and (ROOT / folder).is_dir():
+            folder = str(ROOT / folder)  # stored relative to the repository (`portable_path`)
         try:
             found[concept["name"]] = read_instance_images(folder, concept.get("prompt"))
         except (ValueError, OSError) as e:
