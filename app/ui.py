@@ -88,6 +88,13 @@ def summary_markdown(studio: Studio) -> str:
     )
 
 
+def md(text) -> str:
+    """A name or other file-borne text as literal Markdown: names from folded-in or old files may hold
+    anything, and Gradio renders Markdown's inline HTML."""
+    escaped = html.escape(str(text), quote=False)
+    return "".join("\\" + ch if ch in "\\`*[]|" else ch for ch in escaped)
+
+
 def fmt_error(e: float) -> str:
     return "0" if e < 5e-7 else f"{e:.1e}" if e < 1e-3 else f"{e:.4f}"
 
@@ -116,7 +123,7 @@ def report_markdown(report: dict | None, new: str | None = None, title: str = "W
     for name, e in report.get("concepts", {}).items():
         mark = " (new)" if name == new else ""
         error = "–" if e.get("merge_error") is None else fmt_error(e["merge_error"])
-        lines.append(f"| {name}{mark} | {error} | {fmt(e.get('heldout_loss_before'))} | {fmt(e.get('heldout_loss_after'))} |")
+        lines.append(f"| {md(name)}{mark} | {error} | {fmt(e.get('heldout_loss_before'))} | {fmt(e.get('heldout_loss_after'))} |")
     return "\n".join(lines)
 
 
@@ -142,7 +149,7 @@ def job_status(view: dict) -> str:
     if view.get("message"):
         icon = {"done": "✓", "failed": "✗", "cancelled": "■"}.get(view["state"], "")
         return f"{icon} {view['message']}"
-    return (f"Learning **{view['name']}** (trigger `{view['trigger']}`, caption “{view['caption']}”). "
+    return (f"Learning **{md(view['name'])}** (trigger {md(view['trigger'])}, caption “{md(view['caption'])}”). "
             "Generating still works meanwhile (with the current file).")
 
 
@@ -182,6 +189,20 @@ def pick_selection(pick, mix: dict):
     if pick == MIX_CHOICE:
         return mix or None
     return {pick: 1.0}
+
+
+def served(component, path) -> str:
+    """A copy of an output file in Gradio's cache, under a folder named by its content's hash: the
+    only way an output reaches the browser. The outputs folder itself is never served."""
+    return component.move_resource_to_block_cache(str(path))
+
+
+def never_served(studio: Studio) -> list[str]:
+    """What the file route must refuse whatever else allows it: the outputs folder (uploads copied
+    for learn jobs, their logs and commands, exports, saved images), the Share file and its card."""
+    share = studio.share_path.resolve()
+    paths = [studio.outputs.resolve(), share, share.parent / "README.md", share.with_name(share.stem + ".README.md")]
+    return [str(p) for p in paths]
 
 
 def build_ui(studio: Studio, default_prompt: str = DEFAULT_PROMPT) -> gr.Blocks:
@@ -281,7 +302,7 @@ def build_ui(studio: Studio, default_prompt: str = DEFAULT_PROMPT) -> gr.Blocks:
 
                 def generate(prompt_, negative_, selection, steps_, guidance_, seed_, width_, height_, batch_, sampler_):
                     result = studio.generate(prompt_, negative_, selection, steps_, guidance_, seed_, width_, height_, batch_, sampler_)
-                    return list(zip(map(str, result.paths), result.captions)), result.info, result.seeds[0]
+                    return [(served(gallery, p), c) for p, c in zip(result.paths, result.captions)], result.info, result.seeds[0]
 
                 def show_picks(on, n):
                     return [gr.update(visible=on)] + [gr.update(visible=i < int(n)) for i in range(MAX_BATCH)]
@@ -380,17 +401,18 @@ def build_ui(studio: Studio, default_prompt: str = DEFAULT_PROMPT) -> gr.Blocks:
                     if not name_:
                         raise gr.Error("Pick the concept to delete.")
                     return (gr.update(visible=True),
-                            f"Delete **{name_}**? The shared basis is refit to the other concepts (their merge errors are shown after).")
+                            f"Delete **{md(name_)}**? The shared basis is refit to the other concepts (their merge errors are shown after).")
 
                 def do_delete(name_):
                     errors = studio.delete(name_)
-                    rows = "\n".join(f"| {n} | {fmt_error(e)} |" for n, e in errors.items())
-                    message = f"✓ Deleted {name_!r}; the basis was refit to the others.\n\n| concept | merge error |\n|---|---|\n{rows}"
+                    rows = "\n".join(f"| {md(n)} | {fmt_error(e)} |" for n, e in errors.items())
+                    message = f"✓ Deleted {md(repr(name_))}; the basis was refit to the others.\n\n| concept | merge error |\n|---|---|\n{rows}"
                     return (gr.update(visible=False), *after_change(message))
 
                 def do_export(name_):
                     path = studio.export_lora(name_)
-                    return f"✓ {name_!r} as a Diffusers LoRA file: `{path.name}` ({kb(path.stat().st_size)}).", str(path)
+                    return (f"✓ {md(repr(name_))} as a Diffusers LoRA file: {md(path.name)} ({kb(path.stat().st_size)}).",
+                            served(export_file, path))
 
                 rename_btn.click(error_to_ui(do_rename), inputs=[target, new_name], outputs=[manage_msg, version, concepts],
                                  api_name="rename", concurrency_id="files")
@@ -431,7 +453,7 @@ def build_ui(studio: Studio, default_prompt: str = DEFAULT_PROMPT) -> gr.Blocks:
                 out[0], out[1] = loaded.version, studio.concepts()
             if key != seen_job:
                 running = view["state"] not in ("idle", "done", "failed", "cancelled")
-                out[2:] = [key, job_html(view), job_status(view), view.get("preview") or None,
+                out[2:] = [key, job_html(view), job_status(view), served(preview, view["preview"]) if view.get("preview") else None,
                            report_markdown(view.get("report"), view.get("name")),
                            gr.update(interactive=not running), gr.update(interactive=running)]
             return out
@@ -501,7 +523,7 @@ def main(argv=None):
           f"({len(studio.loaded.names)} concepts), device {studio.device}", flush=True)
     try:
         demo.launch(server_name=host, server_port=args.port, share=False, show_error=True, inbrowser=False,
-                    allowed_paths=[str(Path(args.outputs).resolve())], theme=gr.themes.Soft(
+                    blocked_paths=never_served(studio), theme=gr.themes.Soft(
                         primary_hue="indigo", font=["ui-sans-serif", "system-ui", "sans-serif"],
                         font_mono=["ui-monospace", "monospace"]),
                     css=CSS, footer_links=["api"], ssr_mode=False, mcp_server=False, max_file_size="100mb")

@@ -6,23 +6,20 @@ is written.
 from __future__ import annotations
 
 import re
-import unicodedata
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
+from share_diffusers import names
 from share_diffusers.pipeline import check_selection
+from share_diffusers.training import MAX_IMAGES, MIN_IMAGES
 
-MIN_IMAGES, MAX_IMAGES = 3, 20
 MAX_SIDE = 4096  # pixels, each side of an uploaded image
 MAX_FILE_BYTES = 40 * 1024 * 1024
 IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF", "MPO"}
 MAX_BATCH = 8
-MAX_NAME = 64
-MAX_TRIGGER = 32
-NAME_HINT = "use letters, digits, '-' and '_' (e.g. my-dog)"
 BASE_CHOICE = "Base model"
 MIX_CHOICE = "Slider mix"
 TRIGGER_PLACEHOLDER = "{trigger}"
@@ -35,51 +32,19 @@ class UserError(ValueError):
 # -- validation of user input --------------------------------------------------------------------
 
 
-def _show(ch: str) -> str:
-    if ch == "\x00":
-        return "NUL"
-    if unicodedata.category(ch)[0] in "CZ" and ch != " ":
-        return f"U+{ord(ch):04X}"
-    return repr(ch)
-
-
 def check_concept_name(name, existing=(), what="concept name") -> str:
-    """A name that is safe everywhere it is used (file header, file names, UI), not taken yet."""
-    if not isinstance(name, str) or not name.strip():
-        raise UserError(f"Give the concept a name ({NAME_HINT}).")
-    name = name.strip()
-    if ".." in name:
-        raise UserError(f"The {what} {name!r} contains '..': a name cannot look like a path; {NAME_HINT}.")
-    bad = sorted({ch for ch in name if not (ch.isalnum() or ch in "-_")}, key=name.index)
-    if bad:
-        shown = ", ".join(_show(ch) for ch in bad)
-        kind = "path or control characters" if any(ch in "/\\\x00:" or ord(ch) < 32 for ch in bad) else "characters"
-        raise UserError(f"The {what} {name!r} contains {kind} that are not allowed ({shown}): {NAME_HINT}.")
-    if not name[0].isalnum():
-        raise UserError(f"The {what} {name!r} must start with a letter or a digit.")
-    if len(name) > MAX_NAME:
-        raise UserError(f"The {what} is {len(name)} characters long; at most {MAX_NAME}.")
-    if name in existing:
-        raise UserError(f"A concept named {name!r} already exists in this Share file: pick another name, "
-                        "or rename or delete the old one in the Manage tab.")
-    return name
+    """The library's rule (`share_diffusers.names`), its message shown as is."""
+    try:
+        return names.check_concept_name(name, existing, what)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def check_trigger(trigger, taken: dict[str, str] | None = None) -> str:
-    """One word that stands for the concept in prompts; ``taken`` maps triggers in use to their concept."""
-    if not isinstance(trigger, str) or not trigger.strip():
-        raise UserError("Give a trigger token: a rare word that will stand for the concept in prompts (e.g. sks).")
-    trigger = trigger.strip()
-    if any(ch.isspace() for ch in trigger):
-        raise UserError(f"The trigger {trigger!r} must be one word, without spaces.")
-    bad = [ch for ch in trigger if unicodedata.category(ch)[0] == "C" or ch in "{}"]
-    if bad:
-        raise UserError(f"The trigger {trigger!r} contains characters that are not allowed ({', '.join(map(_show, bad))}).")
-    if len(trigger) > MAX_TRIGGER:
-        raise UserError(f"The trigger is {len(trigger)} characters long; at most {MAX_TRIGGER}.")
-    if taken and trigger in taken:
-        raise UserError(f"The trigger {trigger!r} is already used by the concept {taken[trigger]!r}; pick another word.")
-    return trigger
+    try:
+        return names.check_trigger(trigger, taken)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 @dataclass

@@ -11,6 +11,7 @@ for concept in striped-blob-00 dotted-star-05 checkered-blob-02; do
   echo "== learning $concept"
   .venv/bin/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
     train/learn_concept.py --instance_data_dir "assets/concepts/$concept/train" \
-    --share_path "$out/share.safetensors" --output_dir "$out/runs/$concept" --report_to tensorboard
+    --share_path "$out/share.safetensors" --output_dir "$out/runs/$concept" --report_to tensorboard \
+    --heldout_from_file  # the report's held-out loss of the earlier concepts too
 done
 .venv/bin/python train/sample_grid.py --share "$out/share.safetensors" --out "$out/grid.png"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .config import portable_path
 from .io import atomic_write
 from .subspace import ShareState
 
@@ -18,6 +19,7 @@ def write_model_card(share_path: str | os.PathLike, state: ShareState, config: d
     ``<name>.README.md``.
     """
     share_path, config = Path(share_path), config or {}
+    base = portable_path(config["base_model"]) if config.get("base_model") else None  # files written before it was made portable
     rows = "\n".join(
         f"| {c['name']} | `{c.get('trigger') or '-'}` | {c.get('date', '-')} | {c.get('steps', '-')} | "
         f"{', '.join(f'{e:.4f}' for e in c.get('merge_errors', []))} |"
@@ -28,7 +30,7 @@ def write_model_card(share_path: str | os.PathLike, state: ShareState, config: d
 # Share file `{share_path.name}`
 
 {len(state.concepts)} concepts in one shared low-rank subspace (Share, arXiv 2602.06043), made with
-share-diffusers for the base model `{config.get('base_model', 'unknown')}`: up to
+share-diffusers for the base model `{base or 'unknown'}`: up to
 {config.get('basis_rank', '?')} shared directions per layer, each concept rank {config.get('coef_rank', '?')} per layer.
 
 | concept | trigger | learned | steps | merge error after each merge |
@@ -39,7 +41,7 @@ share-diffusers for the base model `{config.get('base_model', 'unknown')}`: up t
 import share_diffusers  # adds pipe.load_share & co. to every DiffusionPipeline
 from diffusers import StableDiffusionPipeline
 
-pipe = StableDiffusionPipeline.from_pretrained("{config.get('base_model', 'path/to/base')}")
+pipe = StableDiffusionPipeline.from_pretrained("{base or 'path/to/base'}")
 pipe.load_share("{share_path.name}")
 pipe.set_share_concepts("{example}")  # or {{"a": 0.5, "b": 0.5}}, or a list with one per prompt
 ```

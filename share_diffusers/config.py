@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
 from dataclasses import dataclass
+from pathlib import Path, PurePath
 
 # Spellings written by older versions of share-diffusers, read as today's names.
 _OLD_NAMES = {"energy": "basis_energy", "k_max": "basis_rank", "p": "coef_rank", "phi": "num_extra_directions"}
@@ -97,3 +99,20 @@ def resolve_config(stored: ShareConfig | None, rebase: bool = False, **given) ->
             raise ValueError(f"The Share file was made with other basis settings: {'; '.join(clashes)}. Leave the "
                              "flag out to keep the file's setting, or pass --rebase to refit the subspace under the new one.")
     return base.replace(**changes)
+
+
+def portable_path(path: str | os.PathLike, root: str | os.PathLike | None = None) -> str:
+    """A path as it may be stored in a file or a model card: never this machine's absolute path.
+
+    Relative paths and Hub ids stay as given; an absolute path inside ``root`` (e.g. the
+    repository) becomes relative to it, any other absolute path just its folder name.
+    """
+    text = os.fspath(path)
+    if not PurePath(text).is_absolute():
+        return text
+    if root is not None:
+        try:
+            return Path(text).resolve().relative_to(Path(root).resolve()).as_posix()
+        except ValueError:
+            pass
+    return PurePath(text).name

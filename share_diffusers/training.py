@@ -25,6 +25,26 @@ from .targets import split_layer
 
 IGNORED_SUFFIXES = {".txt", ".json", ".md", ".caption"}
 MAX_IMAGE_PIXELS = 64_000_000
+MIN_IMAGES, MAX_IMAGES = 3, 20  # a concept's training images, for the training script and the web UI
+
+
+def check_image_count(count: int, folder) -> None:
+    """3–20 training images: fewer cannot define a concept, more is not what this method is for."""
+    if not MIN_IMAGES <= count <= MAX_IMAGES:
+        raise ValueError(f"{folder} has {count} image{'s' * (count != 1)}: a concept is learned from "
+                         f"{MIN_IMAGES}–{MAX_IMAGES} images.")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. 16- and 32-bit greyscale (``I;16``, ``I``, ``F``) are scaled to 8 bits first:
+    PIL's own ``convert("RGB")`` clips them, which turns a 16-bit PNG pure white."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        if image.mode == "F" and array.max() <= 1.0:
+            top = 1.0
+        image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    return image.convert("RGB")
 
 
 @dataclass
@@ -50,7 +70,7 @@ def read_instance_images(folder: str | Path, instance_prompt: str | None) -> lis
             with Image.open(path) as im:
                 if im.width * im.height > MAX_IMAGE_PIXELS:
                     raise ValueError(f"{im.width}×{im.height} is too large")
-                image = ImageOps.exif_transpose(im).convert("RGB")
+                image = to_rgb(ImageOps.exif_transpose(im))
         except Exception as e:  # PIL raises many types for bad files
             bad.append(f"{path.name} ({type(e).__name__}: {e})" if isinstance(e, ValueError) else path.name)
             continue

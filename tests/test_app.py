@@ -448,6 +448,40 @@ def test_rename_export_delete(server, client, tmp_path):
     assert concept_names(client) == names[:-1]
 
 
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            r.read()
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_the_file_route_serves_generated_images_and_nothing_else_of_the_outputs(server, client):
+    """GET /gradio_api/file=<path> over real HTTP: the Share file, its model card, learn jobs' uploads,
+    log and command, exports and the saved images themselves are refused; the generated image is served
+    from Gradio's cache, under a folder named by its content's hash."""
+    result = generate(client, server, concept_names(client)[0], seed=3)
+    record = png_record(result)
+    saved = next((server.outputs / "images").rglob(Path(result[0][0]["image"]).name))
+    cached = [p for p in (server.tmp / "gradio-cache").rglob(saved.name) if p.read_bytes() == saved.read_bytes()]
+    assert cached and record["seed"] == 3
+    route = f"{server.url}gradio_api/file="
+    assert http_status(route + str(cached[0])) == 200
+    job = server.outputs / "jobs" / "planted"  # what a learn job leaves, in case none has run in this session
+    (job / "images").mkdir(parents=True, exist_ok=True)
+    shutil.copy(training_images(0, 1)[0], job / "images" / "00-a.png")
+    (job / "log.txt").write_text("log"), (job / "command.json").write_text("[]")
+    card = server.share.parent / "README.md"
+    if not card.exists():
+        card.write_text("<!-- share-diffusers model card -->")
+    refused = [server.share, card, saved, *(server.outputs / "jobs").rglob("*.png"), *(server.outputs / "jobs").rglob("log.txt"),
+               *(server.outputs / "jobs").rglob("command.json"), *(server.outputs / "exports").rglob("*")]
+    for path in refused:
+        assert http_status(route + str(path)) in (403, 404), path
+        assert http_status(route + str(path.relative_to(server.tmp))) in (403, 404), path  # relative to the app's folder
+
+
 def test_stopping_the_server_stops_its_learn_job_and_keeps_the_file(server, client):
     """Last: SIGTERM to the app while a concept is being learned leaves no process behind and the file as it was."""
     before = server.share.read_bytes()

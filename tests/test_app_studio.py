@@ -2,6 +2,7 @@
 PNG metadata, reloading, rename/delete/export. Fast; the server and the browser are tests/test_app.py."""
 
 import hashlib
+import re
 import subprocess
 import sys
 import threading
@@ -92,6 +93,31 @@ def test_good_concept_names_pass():
 def test_bad_triggers_are_refused(trigger, message):
     with pytest.raises(UserError, match=message):
         check_trigger(trigger, {"<cat>": "cat"})
+
+
+def test_the_ui_uses_the_library_rule_for_names_and_triggers():
+    """One rule (share_diffusers.names) for the training script and the UI: same verdicts, same messages."""
+    from share_diffusers import names
+
+    for name in ["../x", "a/b", "<b>x</b>", "ok-name"]:
+        try:
+            expected = names.check_concept_name(name)
+        except ValueError as e:
+            with pytest.raises(UserError, match=re.escape(str(e))):
+                check_concept_name(name)
+        else:
+            assert check_concept_name(name) == expected
+    with pytest.raises(ValueError, match="one word"):
+        names.check_trigger("two words")
+
+
+def test_names_from_a_file_are_shown_as_text_not_html():
+    """A folded-in file may name a concept anything: the delete confirmation and the merge report escape it."""
+    from app.ui import md, report_markdown
+
+    hostile = '<img src=x onerror="alert(1)">*b*|'
+    for text in (md(hostile), report_markdown({"concepts": {hostile: {"merge_error": 0.1}}})):
+        assert "<img" not in text and "&lt;img" in text and "\\*b\\*" in text and "\\|" in text
 
 
 def test_image_checks_name_every_bad_file(tmp_path):

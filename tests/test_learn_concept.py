@@ -26,15 +26,15 @@ SCRIPT = ROOT / "train" / "learn_concept.py"
 FAST = ["--max_train_steps", "4", "--train_batch_size", "2", "--num_validation_images", "1", "--report_to", "none"]
 
 
-def launch(*args, processes=1, check=True, timeout=300, **popen):
+def launch(*args, processes=1, check=True, timeout=300, cwd=None, **popen):
     """``accelerate launch`` the training script on CPU, one thread per process."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
            "--pretrained_model_name_or_path", str(BASE), *map(str, args)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     if popen:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd, **popen)
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
     if check and result.returncode:
         raise AssertionError(result.stdout[-3000:] + result.stderr[-3000:])
     return result
@@ -50,11 +50,22 @@ def learn(tmp, index, share, *extra, **kw):
 
 
 def test_a_second_concept_changes_the_first_only_by_re_projection(tmp_path):
+    """Also: no absolute path of this machine in the file or the card, and a held-out folder named by the
+    file is read only with --heldout_from_file, where a bad one is skipped (it used to fail after training)."""
     share = tmp_path / "share.safetensors"
-    learn(tmp_path, 0, share, "--heldout_data_dir", concept(0) / "heldout")
-    first, _ = read_share(share)
-    result = learn(tmp_path, 1, share)
+    shutil.copytree(concept(0) / "heldout", tmp_path / "heldout0")
+    learn(tmp_path, 0, share, "--heldout_data_dir", "heldout0", cwd=tmp_path)  # relative: stored as given
+    first, header = read_share(share)
+    assert header["concepts"][0]["heldout_data_dir"] == "heldout0"
+    (tmp_path / "heldout0" / "broken.png").write_text("not an image")
+    result = learn(tmp_path, 1, share, "--heldout_from_file", cwd=tmp_path)
+    assert "skipping" in result.stdout + result.stderr and "broken.png" in result.stdout + result.stderr
     second, header = read_share(share)
+    assert header["config"]["base_model"] == "assets/tiny-base"  # given as an absolute path inside the repository
+    card = (tmp_path / "README.md").read_text()
+    assert 'from_pretrained("assets/tiny-base")' in card
+    for text in (json.dumps(header), card):
+        assert str(ROOT) not in text and str(tmp_path) not in text
     a, b = first.names[0], second.names[1]
     assert second.names == [a, b]
     assert header["concepts"][1]["trigger"] == json.loads((concept(1) / "concept.json").read_text())["trigger"]
@@ -94,6 +105,22 @@ def test_two_processes_write_one_valid_file(tmp_path):
     state, _ = read_share(share)
     assert state.names == [concept(3).name]
     assert result.stdout.count("Wrote ") == 1  # only the main process writes
+
+
+def test_16_bit_images_are_scaled_not_clipped_to_white(tmp_path):
+    """PIL's convert("RGB") clips 16-bit greyscale to 255: a 16-bit PNG used to train as pure white."""
+    import numpy as np
+    from PIL import Image
+
+    from share_diffusers.training import read_instance_images
+
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 … 65520
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    (example,) = read_instance_images(tmp_path, "a photo")
+    pixels = np.asarray(example.image)
+    assert example.image.mode == "RGB" and pixels.min() == 0 and pixels.max() == 255
+    assert abs(pixels.mean() - 127.5) < 2
 
 
 def test_compress_loras_round_trips(tmp_path):
@@ -136,12 +163,24 @@ def test_bad_inputs_are_clear_errors_and_leave_the_share_file_untouched(tmp_path
     from share_lab.tiny_pipelines import random_share, tiny_sd
 
     random_share(tiny_sd(), tmp_path / "other.safetensors")
+    one, many = tmp_path / "one", tmp_path / "many"
+    one.mkdir(), many.mkdir()
+    first = sorted((concept(5) / "train").glob("*.png"))[0]
+    shutil.copy(first, one), shutil.copy(first.with_suffix(".txt"), one)
+    for i in range(200):
+        shutil.copy(first, many / f"{i:03d}.png"), shutil.copy(first.with_suffix(".txt"), many / f"{i:03d}.txt")
     cases = [
         (["--instance_data_dir", tmp_path / "empty"], "No images in"),
         (["--instance_data_dir", broken], "Unreadable image files.*bad.jpg.*notes.png"),
         (["--instance_data_dir", concept(4) / "train"], "already has a concept named.*--overwrite_concept"),
         (["--instance_data_dir", concept(5) / "train", "--share_path", tmp_path / "other.safetensors"], "another base model"),
         (["--instance_data_dir", concept(5) / "train", "--learning_rate", "1e30"], "loss became (nan|inf).*not touched"),
+        (["--instance_data_dir", concept(5) / "train", "--concept_name", "../../x"], r"contains '\.\.'"),
+        (["--instance_data_dir", concept(5) / "train", "--concept_name", "a/b"], "path or control characters"),
+        (["--instance_data_dir", concept(5) / "train", "--concept_name", "<b>x</b>"], "characters that are not allowed"),
+        (["--instance_data_dir", concept(5) / "train", "--trigger", "two words"], "one word"),
+        (["--instance_data_dir", one], "has 1 image: a concept is learned from 3–20 images"),
+        (["--instance_data_dir", many], "has 200 images: a concept is learned from 3–20 images"),
     ]
     for args, message in cases:
         if "--share_path" not in args:
@@ -170,6 +209,42 @@ def test_killed_during_training_leaves_the_previous_file_loadable(tmp_path, exis
     proc.wait()
     assert share.read_bytes() == original
     read_share(share)
+
+
+def trainers_of(run_dir: Path) -> list[int]:
+    """Processes whose command line names ``run_dir`` (the launcher and the trainer it started)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and str(run_dir) in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(entry.name))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_killing_only_the_launcher_stops_the_trainer(tmp_path, existing_share):
+    """SIGKILL to `accelerate launch` alone (not its group): the trainer exits with it and never writes the file."""
+    share, original = existing_share
+    run_dir = tmp_path / "run5"
+    proc = learn(tmp_path, 5, share, "--max_train_steps", "60", "--checkpointing_steps", "2", start_new_session=True)
+    deadline = time.time() + 180
+    while not list(run_dir.glob("checkpoint-*")) and time.time() < deadline:
+        time.sleep(0.5)
+    trainers = [pid for pid in trainers_of(run_dir) if pid != proc.pid]
+    assert trainers, "the trainer did not start"
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 20
+    while trainers_of(run_dir) and time.time() < deadline:
+        time.sleep(0.2)
+    left = trainers_of(run_dir)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "the trainer outlived its launcher"
+    time.sleep(1)
+    assert share.read_bytes() == original
 
 
 def test_killed_while_writing_leaves_the_previous_file_loadable(tmp_path, existing_share):

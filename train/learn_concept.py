@@ -13,11 +13,15 @@ in ``assets/`` (a few minutes on a 2-core CPU).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import logging
 import math
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,15 +39,17 @@ from transformers import AutoTokenizer, CLIPTextModel
 
 from share_diffusers import ShareConfig, ShareFileError, ShareState, read_share
 from share_diffusers.card import write_model_card
-from share_diffusers.config import resolve_config, stored_config
+from share_diffusers.config import portable_path, resolve_config, stored_config
 from share_diffusers.io import ABSENT, DEFAULT_WEIGHT_NAME, atomic_write, locked
 from share_diffusers.lora import write_lora
+from share_diffusers.names import check_concept_name, check_trigger
 from share_diffusers.pipeline import check_compatible
 from share_diffusers.subspace import balance
 from share_diffusers.targets import model_shapes, split_layer
 from share_diffusers.training import (
     ConceptDataset,
     attach_new_concept,
+    check_image_count,
     collate,
     concept_factors,
     denoising_loss,
@@ -76,6 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--instance_data_dir", default=None, help="Folder of 3–20 images (+ optional <image>.txt captions). Default: a demo concept.")
     a("--instance_prompt", default=None, help="Caption for images without a .txt file, e.g. 'a photo of sks dog'.")
     a("--heldout_data_dir", default=None, help="Held-out images (+captions) of the concept, for the report's loss.")
+    a("--heldout_from_file", action="store_true",
+      help="Also measure the old concepts' held-out loss from the held-out folders stored in the Share file "
+           "(folders that are gone are skipped; without this flag no folder named by the file is read).")
     a("--output_dir", default=None, help="Checkpoints, logs, validation images, report. Default: outputs/runs/<concept>.")
     a("--resolution", type=int, default=None, help="Default: the base model's native size.")
     a("--center_crop", action="store_true")
@@ -182,7 +191,7 @@ def load_state(args, base_shapes, train_shapes) -> tuple[ShareState, ShareConfig
     try:
         config = resolve_config(stored, rebase=args.rebase, basis_rank=args.basis_rank, basis_energy=args.basis_energy,
                                 coef_rank=args.coef_rank, num_extra_directions=args.num_extra_directions,
-                                base_model=str(args.pretrained_model_name_or_path))
+                                base_model=portable_path(args.pretrained_model_name_or_path, ROOT))
     except ValueError as e:
         fail(str(e))
     return state, config
@@ -231,9 +240,13 @@ class Base:
 
 def learn(args) -> dict | None:
     started = time.time()
-    # inputs first: a bad folder or file fails in seconds, before any model is loaded
+    # inputs first: a bad name, folder or file fails in seconds, before any model is loaded
     try:
+        args.concept_name = check_concept_name(args.concept_name)
+        if args.trigger is not None:
+            args.trigger = check_trigger(args.trigger)
         examples = read_instance_images(args.instance_data_dir, args.instance_prompt)
+        check_image_count(len(examples), args.instance_data_dir)
         heldout = read_instance_images(args.heldout_data_dir, args.instance_prompt) if args.heldout_data_dir else []
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
@@ -243,6 +256,7 @@ def learn(args) -> dict | None:
     base = load_base(args, accelerator)
     models = {"unet": base.unet} | ({"text_encoder": base.text_encoder} if args.train_text_encoder else {})
     old_state = share_to_extend(args, base, models)
+    old_heldout = stored_heldout(args, old_state)
     # the new concept's trainable parametrisation, fp32 even under mixed precision
     trainers = attach_new_concept(models, old_state, p=args.config.coef_rank, phi=args.config.num_extra_directions, seed=args.seed)
     steps, loss_value = train(args, accelerator, base, models, trainers, examples, heldout)
@@ -254,7 +268,7 @@ def learn(args) -> dict | None:
         trained_loss = eval_loss(pipe, heldout, args.seed)  # the new concept, still in training form
         detach_new_concept(models)
         report_progress(args, status="merging", step=steps, max_steps=steps, loss=loss_value)
-        trained = Trained(old_state, factors, trained_loss, examples, heldout, steps, started)
+        trained = Trained(old_state, factors, trained_loss, examples, heldout, steps, started, old_heldout)
         result = finish(args, accelerator, pipe, trained)
         report_progress(args, status="done", step=steps, max_steps=steps, loss=loss_value, report=result)
     accelerator.end_training()
@@ -511,16 +525,30 @@ def eval_loss(pipe, heldout, seed) -> float | None:
     return heldout_loss(pipe, [e.image for e in heldout], [e.caption for e in heldout], seed=seed)
 
 
-def concept_losses(pipe, state: ShareState, seed: int, new_heldout=None, new_name=None) -> dict[str, float]:
-    """Held-out loss of every concept of ``state`` whose held-out images are available."""
+def stored_heldout(args, state: ShareState) -> dict[str, list]:
+    """With ``--heldout_from_file``, the old concepts' held-out images from the folders their metadata
+    names (read before training; a folder that is gone or unreadable is skipped, never fatal)."""
+    found = {}
+    for concept in state.concepts if args.heldout_from_file else ():
+        folder = concept.get("heldout_data_dir")
+        if not isinstance(folder, str) or not folder:
+            continue
+        if not Path(folder).is_absolute() and not Path(folder).is_dir() and (ROOT / folder).is_dir():
+            folder = str(ROOT / folder)  # stored relative to the repository (`portable_path`)
+        try:
+            found[concept["name"]] = read_instance_images(folder, concept.get("prompt"))
+        except (ValueError, OSError) as e:
+            logger.warning(f"--heldout_from_file: skipping {concept['name']!r}'s held-out folder {folder}: {e}", main_process_only=True)
+    return found
+
+
+def concept_losses(pipe, state: ShareState, seed: int, heldout_of: dict[str, list]) -> dict[str, float]:
+    """Held-out loss of every concept of ``state`` whose held-out images are given (name → examples)."""
     pipe.load_share(state)
     losses = {}
     try:
         for concept in state.concepts:
-            folder = concept.get("heldout_data_dir")
-            heldout = new_heldout if concept["name"] == new_name else None
-            if heldout is None and folder and Path(folder).is_dir():
-                heldout = read_instance_images(folder, concept.get("prompt"))
+            heldout = heldout_of.get(concept["name"])
             if heldout:
                 pipe.set_share_concepts(concept["name"])
                 losses[concept["name"]] = eval_loss(pipe, heldout, seed)
@@ -540,6 +568,7 @@ class Trained:
     heldout: list
     steps: int
     started: float  # time.time() at the start of the run
+    old_heldout: dict  # the old concepts' held-out examples (`stored_heldout`), by name
 
 
 def finish(args, accelerator, pipe, trained: Trained) -> dict:
@@ -552,7 +581,7 @@ def finish(args, accelerator, pipe, trained: Trained) -> dict:
         "trigger": args.trigger, "prompt": args.instance_prompt, "steps": steps,
         "date": datetime.now(UTC).isoformat(timespec="seconds"), "num_images": len(examples),
         "coef_rank": args.config.coef_rank, "num_extra_directions": args.config.num_extra_directions,
-        "heldout_data_dir": str(Path(args.heldout_data_dir).resolve()) if args.heldout_data_dir else None,
+        "heldout_data_dir": portable_path(args.heldout_data_dir, ROOT) if args.heldout_data_dir else None,
     }
     base_loss = eval_loss(pipe, heldout, args.seed)
     if args.no_merge:  # keep the Share file as it is; the concept leaves as an ordinary LoRA file
@@ -604,13 +633,13 @@ def joined_state(args, current: ShareState | None, old_state: ShareState) -> Sha
 
 def merge_and_report(args, pipe, old_state: ShareState, trained: Trained, meta: dict, base_loss):
     """The merge, the optional post-merge fine-tune, and what they did to every concept."""
-    losses_before = concept_losses(pipe, old_state, args.seed) if old_state.concepts else {}
+    losses_before = concept_losses(pipe, old_state, args.seed, trained.old_heldout) if old_state.concepts else {}
     new_state, merge_report = old_state.merge(
         {args.concept_name: trained.factors}, meta={args.concept_name: meta}, **args.config.merge_kwargs()
     )
     if args.finetune_after_merge_steps:
         new_state = finetune_after_merge(args, pipe, new_state, trained.examples)
-    losses_after = concept_losses(pipe, new_state, args.seed, trained.heldout, args.concept_name)
+    losses_after = concept_losses(pipe, new_state, args.seed, trained.old_heldout | {args.concept_name: trained.heldout})
     trained_loss, steps = trained.loss, trained.steps
 
     report = {"concept": args.concept_name, "share_path": str(args.share_path), "steps": steps,
@@ -680,5 +709,38 @@ def format_report(report: dict, state: ShareState) -> str:
     return "\n".join(lines)
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_launcher() -> None:
+    """Started by ``accelerate launch``: exit when the launcher dies, even by SIGKILL, so a killed
+    launch never leaves a trainer behind that still writes the Share file. Linux: the kernel sends
+    SIGKILL on the parent's death (prctl PR_SET_PDEATHSIG); elsewhere a thread watches the parent."""
+    parent = os.getppid()
+    try:
+        with open(f"/proc/{parent}/cmdline", "rb") as f:
+            launched = b"accelerate" in f.read()
+    except OSError:
+        launched = "ACCELERATE_MIXED_PRECISION" in os.environ and "LOCAL_RANK" in os.environ
+    if not launched:
+        return  # run directly (the web UI, a shell): its parent's end is not ours
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() != parent:  # it died before the prctl took effect
+                os._exit(1)
+            return
+        except (OSError, AttributeError):
+            pass
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="watch-launcher", daemon=True).start()
+
+
 if __name__ == "__main__":
+    die_with_launcher()
     main(parse_args())
