@@ -1,7 +1,8 @@
 """share-diffusers: continual text-to-image personalization in one shared low-rank subspace.
 
 Importing the package adds ``load_share``, ``set_share_concepts``, ``fuse_share``,
-``unfuse_share``, ``unload_share`` and ``share_concepts`` to every ``DiffusionPipeline``
+``unfuse_share``, ``unload_share``, ``get_active_share_concepts``, ``disable_share``,
+``enable_share``, ``delete_share_concepts`` and ``share_concepts`` to every ``DiffusionPipeline``
 (never replacing an attribute Diffusers already has). The same operations are plain functions
 here, and `ShareLoaderMixin` offers them to pipeline subclasses.
 """
@@ -12,7 +13,11 @@ from .lora import loras_to_share, read_lora, share_to_lora
 from .pipeline import (
     ShareConcept,
     ShareLoaderMixin,
+    delete_share_concepts,
+    disable_share,
+    enable_share,
     fuse_share,
+    get_active_share_concepts,
     install,
     load_share,
     set_share_concepts,
@@ -20,7 +25,6 @@ from .pipeline import (
     unfuse_share,
     unload_share,
 )
-from .processor import ShareAttnProcessor
 from .subspace import LayerShare, NewConcept, ShareState
 
 __version__ = "0.1.0"
@@ -30,13 +34,16 @@ install()
 __all__ = [
     "LayerShare",
     "NewConcept",
-    "ShareAttnProcessor",
     "ShareConcept",
     "ShareConfig",
     "ShareFileError",
     "ShareLoaderMixin",
     "ShareState",
+    "delete_share_concepts",
+    "disable_share",
+    "enable_share",
     "fuse_share",
+    "get_active_share_concepts",
     "install",
     "load_share",
     "loras_to_share",

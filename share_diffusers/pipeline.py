@@ -12,20 +12,19 @@ the pipeline's selection, since Diffusers does not pass those kwargs to them).
 
 from __future__ import annotations
 
-import math
-import numbers
 import os
+import sys
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from diffusers import DiffusionPipeline
 
-from .io import ShareFileError, read_share, resolve_path
-from .processor import ShareAdapter, attach, detach, replaced_processors
+from .io import read_share, resolve_path
+from .processor import ShareAdapter, attach, bypassed, detach
+from .selection import check_compatible, check_selection, public_selection, resolve_selection  # noqa: F401  (re-exported: app, train)
 from .subspace import ShareState
-from .targets import COMPONENTS, pipeline_shapes, split_layer
+from .targets import COMPONENTS, pipeline_shapes, split_layer, unwrap
 
 
 @dataclass(frozen=True)
@@ -37,85 +36,23 @@ class ShareConcept:
     prompt: str | None = None
 
 
-def check_compatible(file_shapes: dict, have: dict, source: str = "This Share file") -> None:
-    """Raise, naming the first mismatches, unless every layer of the file exists in ``have`` with its shape."""
-    problems = []
-    for name, shape in file_shapes.items():
-        if name not in have:
-            problems.append(f"{name} is not in this model")
-        elif tuple(have[name]) != tuple(shape):
-            problems.append(f"{name} is {tuple(shape)} in the file but {tuple(have[name])} in the model")
-    if problems:
-        raise ShareFileError(
-            f"{source} was made for another base model: {len(problems)} of its {len(file_shapes)} layers do not "
-            f"match, e.g. " + "; ".join(problems[:3]) + "."
-        )
-
-
-MAX_WEIGHT = 1e3  # a concept weight beyond this is a typo, not a mix (and overflows half precision)
-
-
-def check_selection(selection, names: list[str]) -> dict[str, float] | None:
-    """One selection (a name, a ``{name: weight}`` mix or ``None``) as a mix without zero weights;
-    ``None`` is the base model. The one validator of selections (pipelines and the web UI): bad input
-    raises, naming it — `KeyError` for an unknown concept, `TypeError` for a wrong type, `ValueError`
-    for a weight that is not finite or beyond ±``MAX_WEIGHT``."""
-    if selection is None:
-        return None
-    if isinstance(selection, str):
-        selection = {selection: 1.0}
-    if not isinstance(selection, Mapping):
-        raise TypeError(
-            f"A Share selection is a concept name, a {{name: weight}} dict, None, or a list of those per prompt; "
-            f"got {type(selection).__name__}."
-        )
-    mix = {}
-    for name, weight in selection.items():
-        if not isinstance(name, str):
-            raise TypeError(f"Concept names must be strings, got {name!r}.")
-        if name not in names:
-            known = ", ".join(repr(n) for n in names) or "none"
-            raise KeyError(f"Unknown Share concept {name!r}; this file holds: {known}.")
-        if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
-            raise TypeError(f"The weight of {name!r} must be a number, got {type(weight).__name__}.")
-        weight = float(weight)
-        if not math.isfinite(weight) or abs(weight) > MAX_WEIGHT:
-            raise ValueError(f"The weight of {name!r} must be a finite number within ±{MAX_WEIGHT:g}, got {weight}.")
-        if weight:
-            mix[name] = weight
-    return mix or None
-
-
-def _weights(state: ShareState, selection) -> torch.Tensor:
-    """One selection (not a list) as a ``(C,)`` weight vector."""
-    return state.weights(check_selection(selection, state.names) or {})
-
-
-def resolve_selection(state: ShareState, selection) -> tuple[torch.Tensor, list[int] | None]:
-    """``(G, C)`` group weights and, for a per-prompt list, each prompt's group.
-
-    A per-prompt list gets one group per prompt, equal entries included: the selection's
-    shapes then depend only on the number of prompts, so a compiled UNet is not recompiled
-    when the concepts change (and a k×k core per prompt costs nothing).
-    """
-    if isinstance(selection, (list, tuple)):
-        if not selection:
-            raise ValueError("An empty list selects nothing; pass None for the base model.")
-        rows = [_weights(state, s) for s in selection]
-        if len(rows) == 1:
-            return rows[0][None], None
-        return torch.stack(rows), list(range(len(rows)))
-    return _weights(state, selection)[None], None
-
-
 class ShareRuntime:
-    """What `load_share` attaches to a pipeline: the state, one adapter per model, the selection."""
+    """What `load_share` attaches: the state, one adapter per model, the selection.
 
-    def __init__(self, pipe, state: ShareState):
-        self.pipe, self.state = pipe, state
+    It lives on the models (``model._share_runtime``), not on a pipeline, so every pipeline made of
+    the same components (``AutoPipelineForImage2Image.from_pipe(pipe)``) shares and controls it.
+    The hooks never read a pipeline inside the UNet call, which ``torch.compile`` traces: the
+    classifier-free-guidance factor a per-prompt list needs is taken from the pipeline that is
+    calling (found on the call stack) in the text encoder's hook or an eager UNet call, and the
+    traced hook reads it as a plain ``int``.
+    """
+
+    def __init__(self, models: dict[str, torch.nn.Module], state: ShareState):
+        self.state = state
         self.models: dict[str, torch.nn.Module] = {}
-        self.handles = []
-        self.weights, self.prompt_group = None, None
+        self.handles, self.hooked = [], []
+        self.weights, self.prompt_group, self.selection = None, None, None
+        self.cfg = 1  # chunks of the calling pipeline's UNet batch: 2 with classifier-free guidance
         self._call_selection = False
         self._warned_text = False
         by_component: dict[str, list[str]] = {}
@@ -124,19 +61,26 @@ class ShareRuntime:
             by_component.setdefault(component, []).append(module)
         try:
             for component, modules in by_component.items():
-                model = getattr(pipe, component)
+                model = models[component]
                 _refuse_sequential_offload(model, component)
                 layers = [state.layers[f"{component}.{m}"] for m in modules]
                 adapter = ShareAdapter(layers, device=model.device, dtype=model.dtype)
                 attach(model, component, modules, adapter)
                 self.models[component] = model
-                if component == "unet":
+            for component, model in models.items():  # every text encoder tells who calls, even unadapted
+                if component == "unet" and component in self.models:
                     self.handles.append(model.register_forward_pre_hook(self._unet_pre, with_kwargs=True))
                     self.handles.append(model.register_forward_hook(self._unet_post, with_kwargs=True, always_call=True))
-                else:
+                elif component != "unet":
                     self.handles.append(model.register_forward_pre_hook(self._text_pre, with_kwargs=True))
+                    if component in self.models:
+                        self.handles.append(model.register_forward_hook(self._text_post, always_call=True))
+                else:
+                    continue
+                model._share_runtime = self
+                self.hooked.append(model)
         except BaseException:
-            self.close()
+            self.close(list(models.values()))
             raise
 
     @property
@@ -149,23 +93,28 @@ class ShareRuntime:
         weights, prompt_group = resolve_selection(self.state, selection)
         if any(a.fused for a in self.adapters.values()):
             raise RuntimeError("Share is fused into the weights; call unfuse_share() before selecting concepts.")
-        self._check_processors(force=True)
+        self._check_attention(force=True)
         for adapter in self.adapters.values():
             adapter.select(weights)
             adapter.index = None
         self.weights, self.prompt_group = weights, prompt_group
+        self.selection = public_selection(selection, self.state.names)
 
-    def _check_processors(self, force: bool = False) -> None:
+    def pause(self, paused: bool) -> None:
+        if paused and any(a.fused for a in self.adapters.values()):
+            raise RuntimeError("Share is fused into the weights; call unfuse_share() before disable_share().")
+        for adapter in self.adapters.values():
+            adapter.paused = paused
+
+    def _check_attention(self, force: bool = False) -> None:
         unet = self.models.get("unet")
         if unet is None or not (force or unet.share_adapter.enabled):
             return
-        replaced = replaced_processors(unet)
-        if replaced:
-            now = type(unet.get_submodule(replaced[0]).processor).__name__
+        problem = bypassed(unet)
+        if problem:
             raise RuntimeError(
-                f"Share's attention processors were replaced on {len(replaced)} attention modules (now {now}, e.g. "
-                f"{replaced[0]}), by set_attn_processor, fuse_qkv_projections, an IP-Adapter or similar: the selected "
-                "concepts would be silently ignored. Call unload_share() first, make that change, then load_share()."
+                problem + " Call unfuse_qkv_projections() / unload_ip_adapter() (or unload_share() first, "
+                "then make that change)."
             )
 
     def _index(self, prompt_group: list[int] | None, batch: int, cfg: int, device) -> torch.Tensor | None:
@@ -180,6 +129,22 @@ class ShareRuntime:
             )
         n = batch // (cfg * prompts)
         return torch.tensor(prompt_group, device=device).repeat_interleave(n).repeat(cfg)
+
+    @torch.compiler.disable  # it may run eagerly inside a compiled call, after a graph break: never trace it
+    def _note_caller(self, model) -> DiffusionPipeline | None:
+        """Find the pipeline calling ``model`` on the stack and keep its guidance factor (eager code only)."""
+        frame = sys._getframe(2)
+        for _ in range(_MAX_DEPTH):
+            if frame is None:
+                return None
+            caller = frame.f_locals.get("self")
+            if isinstance(caller, DiffusionPipeline) and any(
+                unwrap(getattr(caller, c, None)) is model for c in COMPONENTS
+            ):
+                self.cfg = 2 if getattr(caller, "do_classifier_free_guidance", False) else 1
+                return caller
+            frame = frame.f_back
+        return None
 
     def _unet_pre(self, unet, args, kwargs):
         adapter = unet.share_adapter
@@ -199,47 +164,82 @@ class ShareRuntime:
                     "selection of set_share_concepts().",
                     stacklevel=2,
                 )
-        self._check_processors()
+        adapter.scale(cak.get("scale") if cak else None)  # Diffusers' LoRA strength, kept for PEFT LoRAs too
+        self._check_attention()
+        if prompt_group is None or not adapter.enabled:
+            adapter.index = None
+            return args, kwargs
+        if not torch.compiler.is_compiling():  # traced, the hook must not touch the pipeline
+            self._note_caller(unet)
         sample = args[0] if args else kwargs["sample"]
-        cfg = 2 if getattr(self.pipe, "do_classifier_free_guidance", False) else 1
-        adapter.index = self._index(prompt_group, sample.shape[0], cfg, sample.device) if adapter.enabled else None
+        adapter.index = self._index(prompt_group, sample.shape[0], self.cfg, sample.device)
         return args, kwargs
 
     def _unet_post(self, unet, args, kwargs, output):
+        unet.share_adapter.scale(None)
         if self._call_selection:
             self._call_selection = False
             unet.share_adapter.select(self.weights)
         unet.share_adapter.index = None
 
     def _text_pre(self, model, args, kwargs):
-        adapter = model.share_adapter
+        caller = self._note_caller(model)
+        adapter = getattr(model, "share_adapter", None)
         ids = args[0] if args else kwargs.get("input_ids")
-        adapter.index = self._index(self.prompt_group, ids.shape[0], 1, ids.device) if adapter.enabled else None
+        if self.prompt_group is not None and caller is not None and ids.shape[0] != len(self.prompt_group):
+            raise ValueError(
+                f"A per-prompt Share selection has {len(self.prompt_group)} entries, but the pipeline got "
+                f"{ids.shape[0]} prompts: pass one selection per prompt."
+            )
+        if adapter is not None:
+            adapter.scale(None)  # a call that raised leaves no scale behind
+            adapter.scale((getattr(caller, "cross_attention_kwargs", None) or {}).get("scale"))
+            adapter.index = self._index(self.prompt_group, ids.shape[0], 1, ids.device) if adapter.enabled else None
+
+    def _text_post(self, model, args, output):
+        model.share_adapter.scale(None)
 
     # -- fuse / unload -----------------------------------------------------------------------
 
-    def fuse(self, components=None) -> None:
+    def _components(self, components) -> list[str]:
+        if components is None:
+            return list(self.adapters)
+        components = [components] if isinstance(components, str) else list(components)
+        unknown = [c for c in components if c not in self.adapters]
+        if unknown:
+            raise ValueError(f"This Share file adapts {', '.join(self.adapters)}, not {', '.join(unknown)}.")
+        return components
+
+    def fuse(self, components=None, lora_scale: float = 1.0) -> None:
         if self.prompt_group is not None:
             raise ValueError("fuse_share needs one selection for the whole batch, not one per prompt.")
-        for component, adapter in self.adapters.items():
-            if components is None or component in components:
-                adapter.fuse()
+        if any(a.paused for a in self.adapters.values()):
+            raise RuntimeError("Share is disabled; call enable_share() before fuse_share().")
+        for component in self._components(components):
+            adapter = self.adapters[component]
+            if not adapter.fused and lora_scale != 1.0:
+                adapter.select(None if self.weights is None else self.weights * float(lora_scale))
+            adapter.fuse()
 
     def unfuse(self, components=None) -> None:
-        for component, adapter in self.adapters.items():
-            if components is None or component in components:
-                adapter.unfuse()
+        for component in self._components(components):
+            self.adapters[component].unfuse()
+            self.adapters[component].select(self.weights)  # unscaled again
 
-    def close(self) -> None:
+    def close(self, models=()) -> None:
         for handle in self.handles:
             handle.remove()
         for model in self.models.values():
             detach(model)
-        self.handles, self.models = [], {}
-        for component in COMPONENTS:  # a half-finished attach
-            model = getattr(self.pipe, component, None)
-            if model is not None and hasattr(model, "share_adapter"):
+        for model in [*self.hooked, *models]:  # and a half-finished attach
+            if hasattr(model, "share_adapter"):
                 detach(model)
+            if model.__dict__.get("_share_runtime") is self:
+                del model._share_runtime
+        self.handles, self.models, self.hooked = [], {}, []
+
+
+_MAX_DEPTH = 80  # frames between a model's hook and the pipeline method that calls it, with room to spare
 
 
 def _refuse_sequential_offload(model, component):
@@ -249,8 +249,23 @@ def _refuse_sequential_offload(model, component):
         )
 
 
+def _models(pipe) -> dict[str, torch.nn.Module]:
+    """The pipeline's components Share can adapt, each under its ``torch.compile`` wrapper if any."""
+    models = {c: getattr(pipe, c, None) for c in COMPONENTS}
+    return {c: unwrap(m) for c, m in models.items() if isinstance(m, torch.nn.Module)}
+
+
+def _find(pipe) -> ShareRuntime | None:
+    """The Share state on the pipeline's components (shared by every pipeline made of them)."""
+    for model in _models(pipe).values():
+        runtime = model.__dict__.get("_share_runtime")
+        if runtime is not None:
+            return runtime
+    return None
+
+
 def _runtime(pipe) -> ShareRuntime:
-    runtime = getattr(pipe, "_share_runtime", None)
+    runtime = _find(pipe)
     if runtime is None:
         raise RuntimeError("No Share file is loaded on this pipeline; call pipe.load_share(path) first.")
     return runtime
@@ -274,11 +289,10 @@ def load_share(
         path = resolve_path(pretrained_model_name_or_path_or_state, weight_name)
         state, _ = read_share(path)
     check_compatible(state.shapes, pipeline_shapes(pipe), f"The Share file {path}")
-    previous = getattr(pipe, "_share_runtime", None)
+    previous = _find(pipe)
     if previous is not None:
         previous.close()
-        pipe._share_runtime = None
-    pipe._share_runtime = ShareRuntime(pipe, state)
+    ShareRuntime(_models(pipe), state)
 
 
 def set_share_concepts(pipe, selection) -> None:
@@ -290,9 +304,10 @@ def set_share_concepts(pipe, selection) -> None:
     _runtime(pipe).select(selection)
 
 
-def fuse_share(pipe, components: list[str] | None = None) -> None:
-    """Fold the current selection into the weights (zero overhead); `unfuse_share` restores them exactly."""
-    _runtime(pipe).fuse(components)
+def fuse_share(pipe, components: list[str] | None = None, lora_scale: float = 1.0) -> None:
+    """Fold the current selection, times ``lora_scale``, into the weights (zero overhead); `unfuse_share`
+    restores them exactly. A component the file does not adapt raises, naming it."""
+    _runtime(pipe).fuse(components, lora_scale)
 
 
 def unfuse_share(pipe, components: list[str] | None = None) -> None:
@@ -302,15 +317,54 @@ def unfuse_share(pipe, components: list[str] | None = None) -> None:
 
 def unload_share(pipe) -> None:
     """Remove Share from the pipeline; it is the base model again, bit-exactly."""
-    runtime = getattr(pipe, "_share_runtime", None)
+    runtime = _find(pipe)
     if runtime is not None:
         runtime.close()
-        pipe._share_runtime = None
+
+
+def get_active_share_concepts(pipe):
+    """The selection set with `set_share_concepts`: ``None``, ``{name: weight}``, or a list of those per prompt."""
+    return _runtime(pipe).selection
+
+
+def disable_share(pipe) -> None:
+    """Give the base model's images, keeping the selection (`enable_share` applies it again)."""
+    _runtime(pipe).pause(True)
+
+
+def enable_share(pipe) -> None:
+    """Apply the selection again after `disable_share`."""
+    _runtime(pipe).pause(False)
+
+
+def delete_share_concepts(pipe, names: str | list[str]) -> None:
+    """Remove concepts from the loaded state, in memory (the file is untouched; the others stay exact).
+
+    The selection keeps its other concepts; an entry left with none selects the base model.
+    """
+    runtime = _runtime(pipe)
+    names = [names] if isinstance(names, str) else list(names)
+    for name in names:
+        runtime.state.index(name)  # KeyError naming it
+    if any(a.fused for a in runtime.adapters.values()):
+        raise RuntimeError("Share is fused into the weights; call unfuse_share() before deleting concepts.")
+    state = runtime.state
+    keep = [i for i, n in enumerate(state.names) if n not in names]
+    state = ShareState({n: layer.select(keep) for n, layer in state.layers.items()}, [state.concepts[i] for i in keep])
+    selection, paused = runtime.selection, any(a.paused for a in runtime.adapters.values())
+
+    def prune(mix):
+        return {n: w for n, w in mix.items() if n not in names} or None if mix else None
+
+    runtime.close()
+    runtime = ShareRuntime(_models(pipe), state)
+    runtime.select([prune(m) for m in selection] if isinstance(selection, list) else prune(selection))
+    runtime.pause(paused)
 
 
 def share_concepts(pipe) -> list[ShareConcept]:
     """The loaded concepts with their trigger tokens (empty when no Share file is loaded)."""
-    runtime = getattr(pipe, "_share_runtime", None)
+    runtime = _find(pipe)
     if runtime is None:
         return []
     return [ShareConcept(c["name"], c.get("trigger"), c.get("prompt")) for c in runtime.state.concepts]
@@ -324,6 +378,10 @@ class ShareLoaderMixin:
     fuse_share = fuse_share
     unfuse_share = unfuse_share
     unload_share = unload_share
+    get_active_share_concepts = get_active_share_concepts
+    disable_share = disable_share
+    enable_share = enable_share
+    delete_share_concepts = delete_share_concepts
     share_concepts = property(share_concepts)
 
 

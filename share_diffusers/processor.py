@@ -4,10 +4,14 @@
   follows ``.to()`` and offloading). It holds, on the model's device, every adapted layer's basis,
   the coefficient bank of all concepts, and the current selection as ``(G, L, k, k)`` cores.
   Switching concepts rewrites the cores in place; nothing else moves.
-* `ShareAttnProcessor` is the default attention processor plus the Share delta on ``to_q``,
-  ``to_k``, ``to_v`` and ``to_out.0``. The UNet's own Linear modules stay in place, so a PEFT LoRA
-  wrapping them still works and stacks with Share.
-* Text encoders have no processor API, so their ``q/k/v/out_proj`` get a forward hook instead.
+* Every adapted projection (``to_q/k/v/out.0`` of a UNet `Attention`, ``q/k/v/out_proj`` of a
+  text encoder) gets a forward hook on its Linear that adds the delta to the output. The attention
+  processor is left alone, so the delta does not depend on which processor computes attention
+  (`AttnProcessor2_0`, `AttnProcessor`, `SlicedAttnProcessor`, xFormers, …), a PEFT LoRA wrapping
+  the same Linear still works and stacks with Share, and nothing selected adds nothing: the
+  hook returns ``None`` and the model is bit-identical to the base.
+* What bypasses those Linears cannot compose: fused QKV projections and IP-Adapter processors
+  are refused, by `attach` and by `bypassed`, which the pipeline checks on every switch and call.
 
 This layer knows module structure, not files: it is given `LayerShare`s and a selection.
 """
@@ -15,14 +19,17 @@ This layer knows module structure, not files: it is given `LayerShare`s and a se
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+from diffusers.models import attention_processor as _ap
 from torch import Tensor, nn
 
 from .subspace import LayerShare, NewConcept, dense_delta, share_delta
-from .targets import PROJECTIONS, base_linear, find_targets, kind
+from .targets import PROJECTIONS, base_linear, find_targets, kind, unwrap
 
-SUPPORTED_PROCESSORS = (AttnProcessor2_0, AttnProcessor)
+# processors that do not call to_q/to_k/to_v/to_out.0 as they are (fused QKV) or add projections
+# of their own beside them (IP-Adapter): with these the selected concepts would be silently wrong
+BYPASSING = tuple(getattr(_ap, n) for n in dir(_ap) if n.endswith("Processor2_0") and n.startswith("Fused")) + tuple(
+    getattr(_ap, n) for n in dir(_ap) if "IPAdapter" in n and isinstance(getattr(_ap, n), type) and n != "IPAdapterMaskProcessor"
+)
 
 
 class ShareAdapter(nn.Module):
@@ -57,10 +64,13 @@ class ShareAdapter(nn.Module):
         self.k = [l.k for l in layers]
         self.index: Tensor | None = None
         self.active = False  # a non-zero selection is set
+        self.paused = False  # disable_share(): the selection is kept but not applied
+        self._unscaled: Tensor | None = None  # the cores before a per-call scale
         self.fused = False  # the selection is folded into the weights
         self.trainer: NewConcept | None = None
         self.targets: list[nn.Module] = []  # the adapted modules, in layer order (plain list: not registered)
-        self.processors: list[tuple[str, nn.Module, ShareAttnProcessor]] = []  # (name, Attention, ours)
+        self.attentions: list[tuple[str, nn.Module]] = []  # the UNet's `Attention`s that own the targets
+        self.hooks = []
         self._refresh_views()
 
     def _refresh_views(self) -> None:
@@ -75,7 +85,18 @@ class ShareAdapter(nn.Module):
 
     @property
     def enabled(self) -> bool:
-        return (self.active and not self.fused) or self.trainer is not None
+        return (self.active and not self.fused and not self.paused) or self.trainer is not None
+
+    @torch.no_grad()
+    def scale(self, s: float | None) -> None:
+        """Scale the selection for one call (``None``: restore it); in place, so nothing recompiles."""
+        if s is None:
+            if self._unscaled is not None:
+                self.cores.copy_(self._unscaled)
+                self._unscaled = None
+        elif s != 1.0 and self.enabled:
+            self._unscaled = self.cores.clone()
+            self.cores.mul_(s)
 
     @torch.no_grad()
     def select(self, weights: Tensor | None) -> None:
@@ -150,108 +171,33 @@ class ShareAdapter(nn.Module):
         self.fused = False
 
 
-class ShareAttnProcessor:
-    """`AttnProcessor2_0` with the Share delta added to ``to_q``, ``to_k``, ``to_v`` and ``to_out.0``.
-
-    ``slots`` maps a projection name to its layer index in the adapter. When Share is inactive
-    the original processor runs unchanged, so outputs are bit-identical to the base model's.
-    """
-
-    def __init__(self, adapter: ShareAdapter, slots: dict[str, int], original):
-        self.adapter = adapter
-        self.slots = slots
-        self.original = original
-
-    def _project(self, name: str, module: nn.Module, x: Tensor) -> Tensor:
-        y = module(x)
-        i = self.slots.get(name)
-        return y if i is None else self.adapter.delta(i, x, out=y)
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
-        if not self.adapter.enabled:
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        )
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = self._project("to_q", attn.to_q, hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = self._project("to_k", attn.to_k, encoder_hidden_states)
-        value = self._project("to_v", attn.to_v, encoder_hidden_states)
-
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
-
-        hidden_states = self._project("to_out.0", attn.to_out[0], hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
-
-
 def attach(model: nn.Module, component: str, names: list[str], adapter: ShareAdapter) -> None:
-    """Register ``adapter`` on ``model`` (the pipeline's ``component``) and route its layers ``names``
-    (module names, in adapter order) through it.
+    """Register ``adapter`` on ``model`` (the pipeline's ``component``; a compiled model's original
+    module) and hook its layers ``names`` (module names, in adapter order).
 
-    Raises before changing anything if a layer is missing or an attention module uses a
-    processor Share cannot extend (IP-Adapter, fused QKV, …): silently dropping either would
-    give wrong images.
+    Raises before changing anything if a layer is missing or an attention module bypasses its
+    projections (fused QKV, IP-Adapter): silently dropping the delta would give wrong images.
     """
+    model = unwrap(model)
     targets = find_targets(model, component)
     missing = [n for n in names if n not in targets]
     if missing:
         raise ValueError(f"Share layers not found in the {component}: {missing[:3]}")
+    attentions = []
+    if kind(component) == "unet":
+        owners = sorted({_split_projection(n)[0] for n in names})
+        attentions = [(owner, model.get_submodule(owner)) for owner in owners]
+        problem = _bypassing(attentions)
+        if problem:
+            raise ValueError(problem + " Undo that first (unfuse_qkv_projections() / unload_ip_adapter()); any other "
+                             "attention processor composes with Share.")
     adapter.targets = [targets[n] for n in names]
+    adapter.attentions = attentions
     for name, module in zip(names, adapter.targets):
         module._share_name = name
-    if kind(component) == "unet":
-        by_attention: dict[str, dict[str, int]] = {}
-        for i, name in enumerate(names):
-            owner, proj = _split_projection(name)
-            by_attention.setdefault(owner, {})[proj] = i
-        for owner in by_attention:
-            attn = model.get_submodule(owner)
-            if getattr(attn, "fused_projections", False) or not isinstance(attn.processor, SUPPORTED_PROCESSORS):
-                raise ValueError(
-                    f"{owner} uses {type(attn.processor).__name__}"
-                    + (" with fused QKV projections" if getattr(attn, "fused_projections", False) else "")
-                    + "; Share extends the default attention processors only. Load Share before changing "
-                    "attention processors (or undo that change, e.g. unfuse_qkv_projections / unload_ip_adapter)."
-                )
-        for owner, slots in by_attention.items():
-            attn = model.get_submodule(owner)
-            processor = ShareAttnProcessor(adapter, slots, attn.processor)
-            attn.set_processor(processor)
-            adapter.processors.append((owner, attn, processor))
-    else:
-        adapter.hooks = [
-            base_linear(module).register_forward_hook(_text_hook(adapter, i)) for i, module in enumerate(adapter.targets)
-        ]
+    adapter.hooks = [
+        base_linear(module).register_forward_hook(_delta_hook(adapter, i)) for i, module in enumerate(adapter.targets)
+    ]
     model.share_adapter = adapter
 
 
@@ -262,7 +208,7 @@ def _split_projection(name: str) -> tuple[str, str]:
     raise ValueError(f"{name} is not an attention projection ({', '.join(PROJECTIONS['unet'])}).")
 
 
-def _text_hook(adapter: ShareAdapter, i: int):
+def _delta_hook(adapter: ShareAdapter, i: int):
     def hook(module, args, output):
         if adapter.enabled:
             return adapter.delta(i, args[0], out=output)
@@ -270,30 +216,37 @@ def _text_hook(adapter: ShareAdapter, i: int):
     return hook
 
 
-def replaced_processors(model: nn.Module) -> list[str]:
-    """Attention modules whose Share processor was replaced since `attach` (empty when intact).
+def _bypassing(attentions) -> str | None:
+    for owner, attn in attentions:
+        processor = attn.processor
+        if isinstance(processor, BYPASSING):
+            name = type(processor).__name__
+            what = f"fused QKV projections ({name})" if name.startswith("Fused") else name
+            return (f"{owner} uses {what}, which bypasses the to_q/to_k/to_v/to_out.0 layers Share adapts, so the "
+                    "selected concepts would be silently wrong.")
+    return None
 
-    Checked on every concept switch, so it only compares the processors `attach` installed
-    (walking the model, e.g. through ``attn_processors``, would cost milliseconds).
+
+def bypassed(model: nn.Module) -> str | None:
+    """Why Share's deltas would not reach the model's attention now (``None`` when they do).
+
+    Checked on every switch and call, so it looks only at the attention modules `attach` found
+    (walking the model would cost milliseconds).
     """
-    adapter = getattr(model, "share_adapter", None)
-    if adapter is None:
-        return []
-    return sorted(name for name, attn, processor in adapter.processors if attn.processor is not processor)
+    adapter = getattr(unwrap(model), "share_adapter", None)
+    return None if adapter is None else _bypassing(adapter.attentions)
 
 
 def detach(model: nn.Module) -> None:
-    """Undo `attach`: original processors back, hooks removed, adapter deleted."""
+    """Undo `attach`: hooks removed, fused weights restored, adapter deleted."""
+    model = unwrap(model)
     adapter = getattr(model, "share_adapter", None)
     if adapter is None:
         return
     adapter.unfuse()
-    for _, attn, processor in adapter.processors:
-        if attn.processor is processor:
-            attn.set_processor(processor.original)
-    adapter.processors = []
-    for handle in getattr(adapter, "hooks", []):
+    for handle in adapter.hooks:
         handle.remove()
+    adapter.hooks, adapter.attentions = [], []
     for module in adapter.targets:
         module.__dict__.pop("_share_name", None)
     del model.share_adapter

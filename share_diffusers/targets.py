@@ -37,6 +37,11 @@ def split_layer(name: str) -> tuple[str, str]:
     return component, module
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under ``torch.compile``'s `OptimizedModule` (whose names start ``_orig_mod.``), or the model itself."""
+    return getattr(model, "_orig_mod", model)
+
+
 def base_linear(module: nn.Module) -> nn.Module:
     """The plain layer under a PEFT wrapper (or the module itself)."""
     return module.get_base_layer() if hasattr(module, "get_base_layer") else module
@@ -51,6 +56,7 @@ def find_targets(model: nn.Module, component: str) -> dict[str, nn.Module]:
     """Share's target modules of one pipeline component, by module name (see the module docstring)."""
     from diffusers.models.attention_processor import Attention
 
+    model = unwrap(model)
     projections = PROJECTIONS[kind(component)]
     targets = {}
     if kind(component) == "unet":
