@@ -1,6 +1,7 @@
 """What `pip install .` gives: the library and the web UI, not the lab; it works outside the checkout."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -19,9 +20,13 @@ print("ok", len(pipe.share_concepts))
 
 
 def test_a_non_editable_install_works_from_another_folder(tmp_path):
-    target = tmp_path / "site"
+    source, target = tmp_path / "src", tmp_path / "site"  # a copy: setuptools writes build/ into the source tree
+    source.mkdir()
+    for part in ("pyproject.toml", "README.md", "share_diffusers", "app"):
+        copy = shutil.copytree if (share_lab.ROOT / part).is_dir() else shutil.copy
+        copy(share_lab.ROOT / part, source / part, **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}))
     build = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                            "--target", str(target), str(share_lab.ROOT)], capture_output=True, text=True, timeout=600)
+                            "--target", str(target), str(source)], capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr[-3000:]
     packages = {p.name for p in target.iterdir()}
     assert {"share_diffusers", "app"} <= packages and "share_lab" not in packages and "tests" not in packages

@@ -1,4 +1,4 @@
-"""Train the identity classifier shipped in assets/classifier (used by share_diffusers.evaluation).
+"""Train the identity classifier shipped in assets/classifier (used by share_lab.evaluation).
 
 Why: with no outside weights, "does this generated image show concept X?" is answered by a small
 CNN trained from scratch on renders of the base shapes and of every shipped concept, in random
