@@ -8,7 +8,7 @@ cross-attention at 8x8 only (today) vs at 16x16 and 8x8 (as Stable Diffusion), a
     # once: novel concepts, their identity classifier, VAE round trip (shipped VAE)
     python train/pilot_bases.py prepare
     # one pilot: pretrain (time budget), base quality, untrained-base and reference-LoRA identity
-    python train/pilot_bases.py pilot --name P1 --world rich --cross-attn 8 --minutes 15
+    python train/pilot_bases.py pilot --name P1 --world rich --cross-attn 8 --minutes 12
 
 Every pilot reuses the shipped VAE (assets/tiny-base/vae; `prepare` measures that it round-trips the
 novel concepts) and trains tokenizer, CLIP text encoder and UNet from scratch with
@@ -185,6 +185,32 @@ def build_unet(cross_attn: str, width: int) -> UNet2DConditionModel:
         cross_attention_dim=128, attention_head_dim=4, addition_embed_type="text")
 
 
+def init_from(base: Path, cross_attn: str, width: int):
+    """Start from a trained base (its tokenizer, text encoder and UNet weights) instead of from scratch.
+
+    Why: 12-20 min of 1-thread CPU from scratch is ~500 steps, too few to form any base (pilot P1
+    draws textures), so the design questions are asked as fine-tunings of the shipped base at equal
+    cost. Attention blocks the base lacks (cross-attn at 16x16) start with proj_out = 0, so the
+    model starts as exactly the base. Rich-world words that are not in its vocabulary are split
+    into several byte-level tokens by its tokenizer and learned by its text encoder.
+    """
+    from transformers import CLIPTextModel, CLIPTokenizer
+    tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder")
+    unet = build_unet(cross_attn, width)
+    missing, unexpected = unet.load_state_dict(UNet2DConditionModel.from_pretrained(base / "unet").state_dict(), strict=False)
+    assert not unexpected, unexpected
+    new_blocks = sorted({k.split(".attentions.")[0] + ".attentions." + k.split(".attentions.")[1].split(".")[0]
+                         for k in missing if ".attentions." in k})
+    assert all(".attentions." in k for k in missing), missing
+    with torch.no_grad():
+        for name in new_blocks:
+            proj_out = unet.get_submodule(name).proj_out
+            proj_out.weight.zero_(), proj_out.bias.zero_()
+    print(f"initialised from {base}; new, zero-output attention blocks: {new_blocks}", flush=True)
+    return tokenizer, text_encoder, unet
+
+
 def world_data(kind: str, n: int, seed: int, vae):
     """Scenes and their VAE latents (cached per world: the pilots of one world share them)."""
     cache = RUNS / f"latents-{kind}-seed{seed}-{n}.pt"
@@ -221,10 +247,13 @@ def seconds_per_step(unet, text_encoder, tokenizer, batch_size: int) -> float:
 def pretrain_pilot(args, out: Path, vae) -> tuple[StableDiffusionPipeline, dict]:
     stage = time.time()
     torch.manual_seed(args.seed)
-    words = world.CAPTION_WORDS if args.world == "today" else pw.CAPTION_WORDS
-    tokenizer = pretrain.build_tokenizer(out / "tokenizer", words)
-    text_encoder, _, _ = pretrain.build_models(tokenizer)
-    unet = build_unet(args.cross_attn, args.width)
+    if args.init_from:
+        tokenizer, text_encoder, unet = init_from(args.init_from, args.cross_attn, args.width)
+    else:
+        words = world.CAPTION_WORDS if args.world == "today" else pw.CAPTION_WORDS
+        tokenizer = pretrain.build_tokenizer(out / "tokenizer", words)
+        text_encoder, _, _ = pretrain.build_models(tokenizer)
+        unet = build_unet(args.cross_attn, args.width)
     scenes, means, stds = world_data(args.world, args.images, args.seed, vae)
     data_seconds = time.time() - stage
     plan_path = out / "plan.json"
@@ -232,7 +261,7 @@ def pretrain_pilot(args, out: Path, vae) -> tuple[StableDiffusionPipeline, dict]
         plan = json.loads(plan_path.read_text())
     else:
         s = seconds_per_step(unet, text_encoder, tokenizer, args.batch_size)
-        plan = {"seconds_per_step_estimate": s, "steps": max(100, int(args.minutes * 60 / s) // 100 * 100)}
+        plan = {"seconds_per_step_estimate": s, "steps": args.steps or max(100, int(args.minutes * 60 / s) // 100 * 100)}
         plan_path.write_text(json.dumps(plan))
     print(f"{args.name}: data {data_seconds:.0f} s; {plan['steps']} steps at ~{plan['seconds_per_step_estimate']:.2f} s", flush=True)
     stage = time.time()
@@ -279,7 +308,8 @@ def pilot(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     key = ["pilots", args.name]
     config = ({"base": str(args.base)} if args.base else
-              {k: getattr(args, k) for k in ("world", "cross_attn", "width", "minutes", "images", "batch_size", "lr", "seed")})
+              {k: getattr(args, k) for k in ("world", "cross_attn", "width", "minutes", "steps", "images", "batch_size", "lr", "seed")}
+              | ({"init_from": str(args.init_from)} if args.init_from else {}))
     record(key + ["config"], config)
     record(key + ["command"], "python train/pilot_bases.py pilot " + " ".join(sys.argv[2:]))
     vae = load_vae()
@@ -339,11 +369,15 @@ def main() -> None:
     p = sub.add_parser("pilot")
     p.add_argument("--name", required=True)
     p.add_argument("--base", type=Path, help="measure this pipeline instead of pretraining one")
+    p.add_argument("--init-from", type=Path, help="fine-tune this base (tokenizer, text encoder, UNet) instead of "
+                                                  "training from scratch")
     p.add_argument("--world", choices=("today", "rich"), default="rich")
     p.add_argument("--cross-attn", choices=("8", "all"), default="8", help="8: at 8x8 only (today); all: 16x16 and 8x8")
     p.add_argument("--width", type=int, default=64, help="block_out_channels = (width, 2 width)")
-    p.add_argument("--minutes", type=float, default=15, help="denoiser time budget (steps sized to fit)")
-    p.add_argument("--images", type=int, default=16000)
+    p.add_argument("--minutes", type=float, default=12, help="denoiser time budget (steps sized to fit)")
+    p.add_argument("--images", type=int, default=12000)
+    p.add_argument("--steps", type=int, help="denoiser steps instead of --minutes: the same CPU cost for designs "
+                                             "of different cost per step, whatever the load of a shared CPU")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3, help="7e-4 in the shipped 6000-step recipe; short pilots")
     p.add_argument("--seed", type=int, default=0)

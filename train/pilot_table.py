@@ -13,11 +13,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results" / "pilot-bases.json"
 WHAT = {
-    "P0": "today's world, today's UNet (cross-attn 8×8 only)",
-    "P1": "rich world, today's UNet",
-    "P2": "rich world, cross-attn at 16×16 and 8×8",
-    "P3": "P2, wider",
-    "shipped": "the shipped base (today's world and UNet, 6000 steps ≈ 38 min on 2 threads)",
+    "P0": "from scratch: today's world, today's UNet (cross-attn 8×8 only)",
+    "P1": "from scratch: rich world, today's UNet",
+    "P2": "from scratch: rich world, cross-attn at 16×16 and 8×8",
+    "shipped": "the shipped base as is (today's world and UNet, 6000 steps × batch 32)",
+    "F0": "shipped base + fine-tuning on today's world (control: more steps, same world)",
+    "F1": "shipped base + fine-tuning on the rich world, today's UNet",
+    "F2": "shipped base + fine-tuning on the rich world, + cross-attn at 16×16 (new blocks zero-initialised)",
 }
 
 
