@@ -44,12 +44,17 @@ def main() -> None:
         f"{pct(c.get('concept_heldout_accuracy'))} / round trips {pct(c.get('concept_heldout_vae_round_trip_accuracy'))}"
         f" (round-trip mean abs. error {c.get('concept_heldout_vae_round_trip_mean_abs_error', float('nan')):.3f} of the range).",
         "",
-        "| pilot | what changed | denoiser steps / min | base shape / colour / bg / position | untrained base identity | LoRA identity mean | min | per concept |",
+        "| pilot | what changed | denoiser steps × batch / min (1 thread) | base shape / colour / bg / position | untrained base identity | LoRA identity mean | min | per concept |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, p in data.get("pilots", {}).items():
         pre = p.get("pretraining")
-        steps = f"{pre['steps']} / {pre['denoiser_seconds'] / 60:.1f}" if pre else "6000 / –"
+        cfg = p.get("config", {})
+        if pre:
+            plus = "6000 × 32 + " if cfg.get("init_from") else ""
+            steps = f"{plus}{pre['steps']} × {cfg.get('batch_size')} / {pre['denoiser_seconds'] / 60:.1f}"
+        else:
+            steps = "6000 × 32 / 38 (2 threads, README)" if cfg.get("base") else "(not finished)"
         q = p.get("base_quality", {})
         quality = " / ".join(pct(q.get(k)) for k in ("shape", "colour", "background", "position"))
         u, lora = p.get("untrained_identity", {}), p.get("lora_identity", {})
@@ -61,7 +66,9 @@ def main() -> None:
     lines += ["", "Grids, one row per concept: 3 training renders · 6 images the reference LoRA generates from",
               "held-out prompts · 2 images the untrained base generates from the same prompts.", ""]
     lines += [f"![{name}](pilot-bases-{name}.png)" for name in data.get("pilots", {})]
-    (RESULTS.parent / "pilot-bases.md").write_text("\n".join(lines) + "\n")
+    out = RESULTS.parent / "pilot-bases.md"
+    kept = out.read_text().partition("\n## Findings")[2] if out.exists() else ""  # hand-written, kept
+    out.write_text("\n".join(lines) + "\n" + ("\n## Findings" + kept if kept else ""))
 
 
 if __name__ == "__main__":
