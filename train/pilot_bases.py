@@ -1,0 +1,395 @@
+"""Pilot bases for issue 12 step 1: which base design lets the reference LoRA draw a novel concept?
+
+Why: on the shipped tiny base a reference LoRA draws its own concept in 37 % of images. Before
+training a v4 base for hours, short pilots (same CPU time each) measure what matters: the
+pretraining world (today's five plain shapes vs train/pilot_world.py's rich world),
+cross-attention at 8x8 only (today) vs at 16x16 and 8x8 (as Stable Diffusion), and width.
+
+    # once: novel concepts, their identity classifier, VAE round trip (shipped VAE)
+    python train/pilot_bases.py prepare
+    # one pilot: pretrain (time budget), base quality, untrained-base and reference-LoRA identity
+    python train/pilot_bases.py pilot --name P1 --world rich --cross-attn 8 --minutes 12
+
+Every pilot reuses the shipped VAE (assets/tiny-base/vae; `prepare` measures that it round-trips the
+novel concepts) and trains tokenizer, CLIP text encoder and UNet from scratch with
+train/pretrain_tiny_base.py's recipe (train_denoiser: linear DDPM schedule, min-SNR, 10 % empty
+captions, EMA), for as many steps as fit in --minutes (timed on the first steps, cosine schedule).
+Then, per novel concept, the shipped reference-LoRA recipe (training.train_lora_baseline: rank 4
+on to_q/k/v/out.0, 400 steps, batch 4, lr 3e-3) on 5 renders, and the classifier on images generated
+from held-out prompts (25 steps, guidance 5). Results are merged into docs/results/pilot-bases.json
+as each stage ends; checkpoints live under runs/pilots/ (git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from PIL import Image, ImageFilter
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "train"))
+import pilot_world as pw  # noqa: E402
+
+from share_diffusers import evaluation, world  # noqa: E402
+from share_diffusers.training import Example, train_lora_baseline  # noqa: E402
+
+
+def _load(name: str):
+    """A train/ script as a module (they are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "train" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+pretrain = _load("pretrain_tiny_base")
+classifier_script = _load("train_classifier")
+
+RUNS = Path(os.environ.get("PILOT_RUNS", ROOT / "runs" / "pilots"))  # overridable for a smoke test
+RESULTS = Path(os.environ.get("PILOT_RESULTS", ROOT / "docs" / "results" / "pilot-bases.json"))
+SHIPPED_VAE = world.TINY_BASE / "vae"
+N_CONCEPTS = 5
+CONCEPT_WORLD_SEED = 12
+LORA = dict(steps=400, lr=3e-3, batch_size=4, rank=4, seed=0)  # train_reference_loras.REFERENCE
+GENERATED_PER_CONCEPT = 24  # the 20 held-out prompts, then 4 of them again, each image its own seed
+
+
+def record(path: list[str], value) -> None:
+    """Merge one value into the results JSON (read-modify-write: nothing is lost if a run dies)."""
+    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    node = data
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    node[path[-1]] = value
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def concepts() -> list[pw.NovelConcept]:
+    return [pw.make_novel_concept(i, CONCEPT_WORLD_SEED) for i in range(N_CONCEPTS)]
+
+
+def load_vae() -> AutoencoderKL:
+    return AutoencoderKL.from_pretrained(SHIPPED_VAE, local_files_only=True).eval()
+
+
+# --------------------------------------------------------------------------- identity classifier
+
+def labelled_renders(n: int, seed: int, augment: bool):
+    """Half concept renders (label k), half "none" (label N): rich and plain scenes, near misses
+    (the concept's colours on another silhouette, its silhouette in other colours) and heavily
+    blurred concepts, so that neither colours alone nor a smudge count as the concept."""
+    rng = np.random.default_rng(seed)
+    cs = concepts()
+    images, labels = [], []
+    for i in range(n):
+        k = int(rng.integers(len(cs)))
+        background, position = cs[k].contexts(1, rng)[0]
+        kind = i % 10
+        if kind < 5:
+            image, label = cs[k].render(background, position, rng), k
+        elif kind < 7:
+            image, label = pw.random_rich_scene(rng).render(rng), len(cs)
+        elif kind == 7:
+            image, label = world.random_scene(rng).render(rng), len(cs)
+        elif kind == 8:
+            image, label = pw.near_misses(cs[k], 1 + int(rng.integers(2)), rng)[-1], len(cs)
+        else:
+            image = cs[k].render(background, position, rng).filter(ImageFilter.GaussianBlur(rng.uniform(3.5, 6)))
+            label = len(cs)
+        if augment:
+            image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.2)))
+        images.append(image)
+        labels.append(label)
+    return evaluation.to_batch(images), torch.tensor(labels)
+
+
+def load_classifier() -> evaluation.IdentityClassifier:
+    return evaluation.load_identity_classifier(RUNS / "classifier")
+
+
+def prepare(args) -> None:
+    """Train the novel-concept classifier (half its renders through the shipped VAE) and measure
+    it on fresh held-out renders and on their VAE round trips (question (d) of the issue)."""
+    start = time.time()
+    torch.manual_seed(0)
+    cs = concepts()
+    vae = load_vae()
+    model = evaluation.IdentityClassifier([c.name for c in cs] + ["none"], width=24)
+    x, y = labelled_renders(args.images, seed=0, augment=True)
+    half = torch.arange(len(x)) % 2 == 0
+    x[half] = classifier_script.through_vae(x[half], vae)
+    rendered = time.time() - start
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    schedule = get_scheduler("cosine", optimizer, num_warmup_steps=100, num_training_steps=args.steps)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(1, args.steps + 1):
+        model.train()
+        index = torch.randint(len(x), (64,), generator=generator)
+        loss = F.cross_entropy(model(classifier_script.jitter(x[index], generator)), y[index])
+        loss.backward()
+        optimizer.step(), schedule.step(), optimizer.zero_grad()
+        if step % 250 == 0:
+            print(f"classifier step {step}/{args.steps} loss {loss.item():.4f} ({time.time() - start:.0f} s)", flush=True)
+    model.eval()
+    (RUNS / "classifier").mkdir(parents=True, exist_ok=True)
+    save_file(model.state_dict(), RUNS / "classifier" / "model.safetensors")
+    (RUNS / "classifier" / "config.json").write_text(json.dumps({"classes": model.classes, "width": 24}))
+
+    # held out: fresh renders (another seed) and each concept's 20 held-out renders
+    fx, fy = labelled_renders(1000, seed=1, augment=False)
+    hx = evaluation.to_batch([s.image for c in cs for s in world.concept_splits(c, 5, 20)[1]])
+    hy = torch.tensor([k for k in range(len(cs)) for _ in range(20)])
+    acc = classifier_script.accuracy
+    with torch.no_grad():
+        round_trip_error = (classifier_script.through_vae(hx, vae) - hx).abs().mean().item() / 2
+    result = {
+        "classes": model.classes,
+        "train_images": args.images, "train_steps": args.steps,
+        "fresh_renders_accuracy": acc(model, fx, fy),
+        "fresh_renders_vae_round_trip_accuracy": acc(model, classifier_script.through_vae(fx, vae), fy),
+        "concept_heldout_accuracy": acc(model, hx, hy),
+        "concept_heldout_vae_round_trip_accuracy": acc(model, classifier_script.through_vae(hx, vae), hy),
+        "concept_heldout_vae_round_trip_mean_abs_error": round_trip_error,  # 0..1 per channel
+        "render_seconds": round(rendered), "seconds": round(time.time() - start),
+    }
+    record(["classifier"], result)
+    record(["concepts"], [{"name": c.name, "trigger": c.trigger, "layout": c.layout,
+                           "colours": ["#%02x%02x%02x" % col for col in c.colours]} for c in cs])
+    print(json.dumps(result, indent=2), flush=True)
+
+
+# --------------------------------------------------------------------------- pilot bases
+
+def build_unet(cross_attn: str, width: int) -> UNet2DConditionModel:
+    """Today's UNet (cross-attention at 8x8 only) or with cross-attention at 16x16 and 8x8 too."""
+    both = cross_attn == "all"
+    return UNet2DConditionModel(
+        sample_size=world.RESOLUTION // 4, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(width, 2 * width),
+        down_block_types=("CrossAttnDownBlock2D" if both else "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D" if both else "UpBlock2D"), mid_block_type=None,
+        cross_attention_dim=128, attention_head_dim=4, addition_embed_type="text")
+
+
+def init_from(base: Path, cross_attn: str, width: int):
+    """Start from a trained base (its tokenizer, text encoder and UNet weights) instead of from scratch.
+
+    Why: 12-20 min of 1-thread CPU from scratch is ~500 steps, too few to form any base (pilot P1
+    draws textures), so the design questions are asked as fine-tunings of the shipped base at equal
+    cost. Attention blocks the base lacks (cross-attn at 16x16) start with proj_out = 0, so the
+    model starts as exactly the base. Rich-world words that are not in its vocabulary are split
+    into several byte-level tokens by its tokenizer and learned by its text encoder.
+    """
+    from transformers import CLIPTextModel, CLIPTokenizer
+    tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder")
+    unet = build_unet(cross_attn, width)
+    missing, unexpected = unet.load_state_dict(UNet2DConditionModel.from_pretrained(base / "unet").state_dict(), strict=False)
+    assert not unexpected, unexpected
+    new_blocks = sorted({k.split(".attentions.")[0] + ".attentions." + k.split(".attentions.")[1].split(".")[0]
+                         for k in missing if ".attentions." in k})
+    assert all(".attentions." in k for k in missing), missing
+    with torch.no_grad():
+        for name in new_blocks:
+            proj_out = unet.get_submodule(name).proj_out
+            proj_out.weight.zero_(), proj_out.bias.zero_()
+    print(f"initialised from {base}; new, zero-output attention blocks: {new_blocks}", flush=True)
+    return tokenizer, text_encoder, unet
+
+
+def world_data(kind: str, n: int, seed: int, vae):
+    """Scenes and their VAE latents (cached per world: the pilots of one world share them)."""
+    cache = RUNS / f"latents-{kind}-seed{seed}-{n}.pt"
+    if kind == "today":
+        rng = np.random.default_rng(seed)
+        scenes = [world.random_scene(rng) for _ in range(n)]  # pretrain.render_base draws scenes first, too
+        render = lambda: pretrain.render_base(n, seed)[0]  # noqa: E731
+    else:
+        rng = np.random.default_rng(seed)
+        scenes = [pw.random_rich_scene(rng) for _ in range(n)]
+        render = lambda: pretrain.to_uint8(pw.rich_scenes(n, seed)[0])  # noqa: E731
+    images = None if cache.exists() else render()
+    means, stds = pretrain.encode(vae, images, cache)
+    return scenes, means, stds
+
+
+def seconds_per_step(unet, text_encoder, tokenizer, batch_size: int) -> float:
+    """Time a few training steps on copies (models untouched) to size the step budget."""
+    unet, text_encoder = copy.deepcopy(unet), copy.deepcopy(text_encoder)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    ids = tokenizer(["a small red circle on a blue background, top left"] * batch_size, padding="max_length",
+                    max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    times = []
+    for i in range(8):
+        t = time.time()
+        x = torch.randn(batch_size, 4, 16, 16)
+        loss = F.mse_loss(unet(x, torch.randint(0, 1000, (batch_size,)), text_encoder(ids)[0]).sample, x)
+        loss.backward(), optimizer.step(), optimizer.zero_grad()
+        times.append(time.time() - t)
+    return float(np.median(times[3:])) * 1.1  # + data, EMA and logging
+
+
+def pretrain_pilot(args, out: Path, vae) -> tuple[StableDiffusionPipeline, dict]:
+    stage = time.time()
+    torch.manual_seed(args.seed)
+    if args.init_from:
+        tokenizer, text_encoder, unet = init_from(args.init_from, args.cross_attn, args.width)
+    else:
+        words = world.CAPTION_WORDS if args.world == "today" else pw.CAPTION_WORDS
+        tokenizer = pretrain.build_tokenizer(out / "tokenizer", words)
+        text_encoder, _, _ = pretrain.build_models(tokenizer)
+        unet = build_unet(args.cross_attn, args.width)
+    scenes, means, stds = world_data(args.world, args.images, args.seed, vae)
+    data_seconds = time.time() - stage
+    plan_path = out / "plan.json"
+    if plan_path.exists():
+        plan = json.loads(plan_path.read_text())
+    else:
+        s = seconds_per_step(unet, text_encoder, tokenizer, args.batch_size)
+        plan = {"seconds_per_step_estimate": s, "steps": args.steps or max(100, int(args.minutes * 60 / s) // 100 * 100)}
+        plan_path.write_text(json.dumps(plan))
+    print(f"{args.name}: data {data_seconds:.0f} s; {plan['steps']} steps at ~{plan['seconds_per_step_estimate']:.2f} s", flush=True)
+    stage = time.time()
+    pretrain.train_denoiser(unet, text_encoder, tokenizer, means, stds, vae.config.scaling_factor, scenes,
+                            plan["steps"], args.batch_size, args.lr, args.seed, out / "denoiser.pt")
+    denoiser_seconds = time.time() - stage
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DPMSolverMultistepScheduler(**pretrain.NOISE_SCHEDULE),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out / "base")
+    info = {"steps": plan["steps"], "data_seconds": round(data_seconds), "denoiser_seconds": round(denoiser_seconds),
+            "unet_parameters": sum(p.numel() for p in unet.parameters()),
+            "text_encoder_parameters": sum(p.numel() for p in text_encoder.parameters())}
+    return pipe, info
+
+
+def load_pipe(path: Path) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def identity(pipe, concept, index, classifier, n: int) -> tuple[float, list[Image.Image]]:
+    """Fraction of n images from held-out prompts that the classifier names as the concept."""
+    heldout = world.concept_splits(concept, 5, 20)[1]
+    captions = [heldout[i % len(heldout)].caption for i in range(n)]
+    images = evaluation.generate(pipe, captions, seed=1000 * index)
+    labels = classifier.predict(images)
+    return float(np.mean([label == concept.name for label in labels])), images
+
+
+def save_grid(rows: list[list[Image.Image]], path: Path, scale: int = 2) -> None:
+    side = world.RESOLUTION * scale
+    grid = Image.new("RGB", (side * max(map(len, rows)), side * len(rows)), "white")
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            grid.paste(image.resize((side, side), Image.Resampling.NEAREST), (c * side, r * side))
+    grid.save(path, optimize=True)
+
+
+def pilot(args) -> None:
+    start = time.time()
+    out = RUNS / args.name
+    out.mkdir(parents=True, exist_ok=True)
+    key = ["pilots", args.name]
+    config = ({"base": str(args.base)} if args.base else
+              {k: getattr(args, k) for k in ("world", "cross_attn", "width", "minutes", "steps", "images", "batch_size", "lr", "seed")}
+              | ({"init_from": str(args.init_from)} if args.init_from else {}))
+    record(key + ["config"], config)
+    record(key + ["command"], "python train/pilot_bases.py pilot " + " ".join(sys.argv[2:]))
+    vae = load_vae()
+    if args.base:  # an existing base (e.g. the shipped one): measure only
+        base_dir = args.base
+    elif (out / "base" / "model_index.json").exists():
+        base_dir = out / "base"
+    else:
+        _, info = pretrain_pilot(args, out, vae)
+        record(key + ["pretraining"], info)
+        base_dir = out / "base"
+
+    stage = time.time()
+    pipe = load_pipe(base_dir)
+    quality = evaluation.base_quality(pipe, n=args.quality_images, classifier=evaluation.load_identity_classifier())
+    record(key + ["base_quality"], {**{k: float(v) for k, v in quality.items()}, "images": args.quality_images,
+                                    "seconds": round(time.time() - stage)})
+    print(f"{args.name}: base quality {quality}", flush=True)
+
+    classifier = load_classifier()
+    cs = concepts()
+    stage = time.time()
+    untrained, untrained_images = {}, {}
+    for k, concept in enumerate(cs):
+        untrained[concept.name], untrained_images[concept.name] = identity(pipe, concept, k, classifier, args.untrained_generated)
+    record(key + ["untrained_identity"], {"per_concept": untrained, "mean": float(np.mean(list(untrained.values()))),
+                                          "images_per_concept": args.untrained_generated, "seconds": round(time.time() - stage)})
+    print(f"{args.name}: untrained base identity {untrained}", flush=True)
+
+    lora, rows, lora_seconds = {}, [], []
+    for k, concept in enumerate(cs):
+        stage = time.time()
+        pipe = load_pipe(base_dir)
+        train, _ = world.concept_splits(concept, 5, 20)
+        examples = [Example(s.image, s.caption, Path(f"{concept.name}-{i}.png")) for i, s in enumerate(train)]
+        train_lora_baseline(pipe, "reference", examples, args.lora_steps, LORA["lr"], LORA["batch_size"], LORA["rank"], LORA["seed"])
+        trained = time.time() - stage
+        lora[concept.name], images = identity(pipe, concept, k, classifier, args.generated)
+        lora_seconds.append({"train": round(trained), "generate": round(time.time() - stage - trained)})
+        rows.append([s.image for s in train[:3]] + images[:6] + untrained_images[concept.name][:2])
+        record(key + ["lora_identity"], {"per_concept": lora, "mean": float(np.mean(list(lora.values()))),
+                                         "min": float(np.min(list(lora.values()))), "seconds": lora_seconds,
+                                         "images_per_concept": args.generated, "recipe": {**LORA, "steps": args.lora_steps}})
+        print(f"{args.name}: {concept.name} LoRA identity {lora[concept.name]:.2f} ({time.time() - stage:.0f} s)", flush=True)
+    save_grid(rows, RESULTS.parent / f"pilot-bases-{args.name}.png")
+    record(key + ["total_seconds"], round(time.time() - start))
+    print(f"{args.name}: done, LoRA identity mean {np.mean(list(lora.values())):.3f} ({(time.time() - start) / 60:.1f} min)", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("--images", type=int, default=6000)
+    p.add_argument("--steps", type=int, default=1200)
+    p = sub.add_parser("pilot")
+    p.add_argument("--name", required=True)
+    p.add_argument("--base", type=Path, help="measure this pipeline instead of pretraining one")
+    p.add_argument("--init-from", type=Path, help="fine-tune this base (tokenizer, text encoder, UNet) instead of "
+                                                  "training from scratch")
+    p.add_argument("--world", choices=("today", "rich"), default="rich")
+    p.add_argument("--cross-attn", choices=("8", "all"), default="8", help="8: at 8x8 only (today); all: 16x16 and 8x8")
+    p.add_argument("--width", type=int, default=64, help="block_out_channels = (width, 2 width)")
+    p.add_argument("--minutes", type=float, default=12, help="denoiser time budget (steps sized to fit)")
+    p.add_argument("--images", type=int, default=12000)
+    p.add_argument("--steps", type=int, help="denoiser steps instead of --minutes: the same CPU cost for designs "
+                                             "of different cost per step, whatever the load of a shared CPU")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3, help="7e-4 in the shipped 6000-step recipe; short pilots")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quality-images", type=int, default=60)
+    p.add_argument("--lora-steps", type=int, default=LORA["steps"], help="smoke tests only; the recipe is 400")
+    p.add_argument("--generated", type=int, default=GENERATED_PER_CONCEPT, help="generated images per concept")
+    p.add_argument("--untrained-generated", type=int, default=12, help="the same for the untrained-base control")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    RUNS.mkdir(parents=True, exist_ok=True)
+    prepare(args) if args.command == "prepare" else pilot(args)
+
+
+if __name__ == "__main__":
+    main()

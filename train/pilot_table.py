@@ -1,0 +1,75 @@
+"""Write docs/results/pilot-bases.md from docs/results/pilot-bases.json (train/pilot_bases.py).
+
+Why: the table is read by people choosing the tiny base v4 design; the JSON is the record.
+
+    python train/pilot_table.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "results" / "pilot-bases.json"
+WHAT = {
+    "P0": "from scratch: today's world, today's UNet (cross-attn 8×8 only)",
+    "P1": "from scratch: rich world, today's UNet",
+    "P2": "from scratch: rich world, cross-attn at 16×16 and 8×8",
+    "shipped": "the shipped base as is (today's world and UNet, 6000 steps × batch 32)",
+    "F0": "shipped base + fine-tuning on today's world (control: more steps, same world)",
+    "F1": "shipped base + fine-tuning on the rich world, today's UNet",
+    "F2": "shipped base + fine-tuning on the rich world, + cross-attn at 16×16 (new blocks zero-initialised)",
+}
+
+
+def pct(x) -> str:
+    return "–" if x is None else f"{x:.2f}"
+
+
+def main() -> None:
+    data = json.loads(RESULTS.read_text())
+    c = data.get("classifier", {})
+    lines = [
+        "# Pilot bases (issue 12, step 1)",
+        "",
+        "Produced by `train/pilot_bases.py` (one process at a time, 1 CPU thread, on the shared 2-core CPU);",
+        "this file by `python train/pilot_table.py`. Every pilot reuses the shipped VAE and is measured on the",
+        f"same {len(data.get('concepts', []))} novel concepts of `train/pilot_world.py` (`make_novel_concept(i, 12)`).",
+        "",
+        "Identity classifier (`python train/pilot_bases.py prepare`; classes: the concepts + \"none\" = rich and plain",
+        "scenes, near misses sharing the concept's colours or silhouette, and heavily blurred concepts):",
+        f"fresh held-out renders {pct(c.get('fresh_renders_accuracy'))} / their VAE round trips "
+        f"{pct(c.get('fresh_renders_vae_round_trip_accuracy'))}; the concepts' 20 held-out renders each "
+        f"{pct(c.get('concept_heldout_accuracy'))} / round trips {pct(c.get('concept_heldout_vae_round_trip_accuracy'))}"
+        f" (round-trip mean abs. error {c.get('concept_heldout_vae_round_trip_mean_abs_error', float('nan')):.3f} of the range).",
+        "",
+        "| pilot | what changed | denoiser steps × batch / min (1 thread) | base shape / colour / bg / position | untrained base identity | LoRA identity mean | min | per concept |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, p in data.get("pilots", {}).items():
+        pre = p.get("pretraining")
+        cfg = p.get("config", {})
+        if pre:
+            plus = "6000 × 32 + " if cfg.get("init_from") else ""
+            steps = f"{plus}{pre['steps']} × {cfg.get('batch_size')} / {pre['denoiser_seconds'] / 60:.1f}"
+        else:
+            steps = "6000 × 32 / 38 (2 threads, README)" if cfg.get("base") else "(not finished)"
+        q = p.get("base_quality", {})
+        quality = " / ".join(pct(q.get(k)) for k in ("shape", "colour", "background", "position"))
+        u, lora = p.get("untrained_identity", {}), p.get("lora_identity", {})
+        per = ", ".join(f"{v:.2f}" for v in lora.get("per_concept", {}).values())
+        lines.append(f"| {name} | {WHAT.get(name, '')} | {steps} | {quality} | {pct(u.get('mean'))} | "
+                     f"{pct(lora.get('mean'))} | {pct(lora.get('min'))} | {per} |")
+    lines += ["", "Commands (after `python train/pilot_bases.py prepare`):", ""]
+    lines += [f"- {name}: `{p['command']}`" for name, p in data.get("pilots", {}).items()]
+    lines += ["", "Grids, one row per concept: 3 training renders · 6 images the reference LoRA generates from",
+              "held-out prompts · 2 images the untrained base generates from the same prompts.", ""]
+    lines += [f"![{name}](pilot-bases-{name}.png)" for name in data.get("pilots", {})]
+    out = RESULTS.parent / "pilot-bases.md"
+    kept = out.read_text().partition("\n## Findings")[2] if out.exists() else ""  # hand-written, kept
+    out.write_text("\n".join(lines) + "\n" + ("\n## Findings" + kept if kept else ""))
+
+
+if __name__ == "__main__":
+    main()
