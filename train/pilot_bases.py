@@ -2,7 +2,7 @@
 
 Why: on the shipped tiny base a reference LoRA draws its own concept in 37 % of images. Before
 training a v4 base for hours, short pilots (same CPU time each) measure what matters: the
-pretraining world (today's five plain shapes vs train/pilot_world.py's rich world),
+pretraining world (today's five plain shapes vs lab/share_lab/pilot_world.py's rich world),
 cross-attention at 8x8 only (today) vs at 16x16 and 8x8 (as Stable Diffusion), and width.
 
     # once: novel concepts, their identity classifier, VAE round trip (shipped VAE)
@@ -37,14 +37,13 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from PIL import Image, ImageFilter
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "train"))
-import pilot_world as pw  # noqa: E402
-
-from share_diffusers import evaluation, world  # noqa: E402
-from share_diffusers.training import Example, train_lora_baseline  # noqa: E402
+import share_lab
+from share_diffusers.training import Example
+from share_lab import ROOT, evaluation, world
+from share_lab import pilot_world as pw
+from share_lab.baselines import train_lora_baseline
 
 
 def _load(name: str):
@@ -60,7 +59,7 @@ classifier_script = _load("train_classifier")
 
 RUNS = Path(os.environ.get("PILOT_RUNS", ROOT / "runs" / "pilots"))  # overridable for a smoke test
 RESULTS = Path(os.environ.get("PILOT_RESULTS", ROOT / "docs" / "results" / "pilot-bases.json"))
-SHIPPED_VAE = world.TINY_BASE / "vae"
+SHIPPED_VAE = share_lab.TINY_BASE / "vae"
 N_CONCEPTS = 5
 CONCEPT_WORLD_SEED = 12
 LORA = dict(steps=400, lr=3e-3, batch_size=4, rank=4, seed=0)  # train_reference_loras.REFERENCE
@@ -168,7 +167,7 @@ def prepare(args) -> None:
     }
     record(["classifier"], result)
     record(["concepts"], [{"name": c.name, "trigger": c.trigger, "layout": c.layout,
-                           "colours": ["#%02x%02x%02x" % col for col in c.colours]} for c in cs])
+                           "colours": ["#{:02x}{:02x}{:02x}".format(*col) for col in c.colours]} for c in cs])
     print(json.dumps(result, indent=2), flush=True)
 
 
@@ -235,7 +234,7 @@ def seconds_per_step(unet, text_encoder, tokenizer, batch_size: int) -> float:
     ids = tokenizer(["a small red circle on a blue background, top left"] * batch_size, padding="max_length",
                     max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
     times = []
-    for i in range(8):
+    for _ in range(8):
         t = time.time()
         x = torch.randn(batch_size, 4, 16, 16)
         loss = F.mse_loss(unet(x, torch.randint(0, 1000, (batch_size,)), text_encoder(ids)[0]).sample, x)

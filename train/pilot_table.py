@@ -35,7 +35,7 @@ def main() -> None:
         "",
         "Produced by `train/pilot_bases.py` (one process at a time, 1 CPU thread, on the shared 2-core CPU);",
         "this file by `python train/pilot_table.py`. Every pilot reuses the shipped VAE and is measured on the",
-        f"same {len(data.get('concepts', []))} novel concepts of `train/pilot_world.py` (`make_novel_concept(i, 12)`).",
+        f"same {len(data.get('concepts', []))} novel concepts of `lab/share_lab/pilot_world.py` (`make_novel_concept(i, 12)`).",
         "",
         "Identity classifier (`python train/pilot_bases.py prepare`; classes: the concepts + \"none\" = rich and plain",
         "scenes, near misses sharing the concept's colours or silhouette, and heavily blurred concepts):",
@@ -44,7 +44,8 @@ def main() -> None:
         f"{pct(c.get('concept_heldout_accuracy'))} / round trips {pct(c.get('concept_heldout_vae_round_trip_accuracy'))}"
         f" (round-trip mean abs. error {c.get('concept_heldout_vae_round_trip_mean_abs_error', float('nan')):.3f} of the range).",
         "",
-        "| pilot | what changed | denoiser steps × batch / min (1 thread) | base shape / colour / bg / position | untrained base identity | LoRA identity mean | min | per concept |",
+        "| pilot | what changed | denoiser steps × batch / min (1 thread) | base shape / colour / bg / position "
+        "| untrained base identity | LoRA identity mean | min | per concept |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, p in data.get("pilots", {}).items():

@@ -13,9 +13,9 @@ many named silhouettes and on one-, two- and three-colour layouts, so that a nov
   (Fourier blob, gear, irregular polygon), a two- or three-colour layout, and off-palette colours;
   so silhouette, layout and colours were never seen together.
 
-The held-out (shape, colour, background, position) combinations of share_diffusers.world are kept
+The held-out (shape, colour, background, position) combinations of share_lab.world are kept
 out of the solid scenes, so that evaluation.base_quality still measures held-out prompts.
-A pilot: share_diffusers/world.py is being restructured elsewhere, so this stays a separate file.
+A pilot (issue 12, step 1): kept beside world.py until tiny base v4 settles the design.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from share_diffusers import world
+from . import world
 
 TWO_COLOUR = ("split", "outlined", "striped", "checkered", "dotted", "ringed")
 THREE_COLOUR = ("banded", "sectored")
