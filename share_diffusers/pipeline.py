@@ -350,7 +350,7 @@ def delete_share_concepts(pipe, names: str | list[str]) -> None:
         raise RuntimeError("Share is fused into the weights; call unfuse_share() before deleting concepts.")
     state = runtime.state
     keep = [i for i, n in enumerate(state.names) if n not in names]
-    state = ShareState({n: layer.select(keep) for n, layer in state.layers.items()}, [state.concepts[i] for i in keep])
+    state = ShareState({n: layer.subset(keep) for n, layer in state.layers.items()}, [state.concepts[i] for i in keep])
     selection, paused = runtime.selection, any(a.paused for a in runtime.adapters.values())
 
     def prune(mix):
