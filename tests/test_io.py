@@ -587,17 +587,23 @@ def test_failed_writes_leave_the_file_and_no_temporaries(tmp_path, error):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.safetensors", "s.safetensors.lock"]
 
 
+def _dying_writer(path: str) -> None:
+    """A writer killed (no cleanup runs) after half of its temporary is on disk."""
+    io.save_file = lambda tensors, tmp, metadata=None: (Path(tmp).write_bytes(b"half"), os._exit(9))
+    save_share(small_state(seed=1), path)
+
+
+# "spawn", not "fork": a fork of a process with other threads alive (an earlier test's server
+# client, torch's pools) can inherit a held lock and hang forever
+SPAWN = multiprocessing.get_context("spawn")
+
+
 def test_a_killed_writers_temporary_is_swept_by_the_next_write(tmp_path):
     path = save_share(small_state(), tmp_path / "s.safetensors")
     before = path.read_bytes()
-
-    def dying_writer():
-        io.save_file = lambda tensors, tmp, metadata=None: (Path(tmp).write_bytes(b"half"), os._exit(9))
-        save_share(small_state(seed=1), path)
-
-    proc = multiprocessing.get_context("fork").Process(target=dying_writer)
+    proc = SPAWN.Process(target=_dying_writer, args=(str(path),))
     proc.start()
-    proc.join()
+    proc.join(120)
     assert proc.exitcode == 9 and path.read_bytes() == before
     left = [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     assert len(left) == 1 and left[0].startswith(".s.safetensors.")
@@ -679,8 +685,7 @@ def _add_concepts(path: str, tag: str, count: int) -> None:
 
 def test_concurrent_writers_keep_every_concept(tmp_path):
     path = str(tmp_path / "s.safetensors")
-    ctx = multiprocessing.get_context("fork")
-    writers = [ctx.Process(target=_add_concepts, args=(path, tag, 5)) for tag in ("a", "b", "c")]
+    writers = [SPAWN.Process(target=_add_concepts, args=(path, tag, 5)) for tag in ("a", "b", "c")]
     for w in writers:
         w.start()
     for w in writers:
