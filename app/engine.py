@@ -35,7 +35,7 @@ from share_diffusers import ShareFileError, read_share, save_share, share_to_lor
 from share_diffusers.card import write_model_card
 from share_diffusers.config import stored_config
 
-from .files import TRAIN_SCRIPT, Loaded, concept_table, file_sha256, file_signature, file_summary
+from .files import TRAIN_SCRIPT, Loaded, concept_table, file_signature, file_summary
 from .jobs import LearnJob
 from .validation import (
     MAX_BATCH,
@@ -145,8 +145,8 @@ class Studio:
                 return True
             try:
                 for _ in range(5):  # a file replaced while we read it: read the new one
-                    sha = file_sha256(self.share_path)
                     state, header = read_share(self.share_path)
+                    sha = header["file_token"]  # the SHA-256 of the very bytes read
                     if file_signature(self.share_path) == signature:
                         break
                     signature = file_signature(self.share_path)

@@ -4,7 +4,6 @@ hash, so a change on disk is noticed), its summary tables, and the metadata of g
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,14 +46,6 @@ def file_signature(path: Path):
     except FileNotFoundError:
         return None
     return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def concept_table(loaded: Loaded) -> list[dict]:

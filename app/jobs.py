@@ -23,7 +23,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from .files import ROOT, file_sha256, file_signature
+from share_diffusers.io import file_token
+
+from .files import ROOT, file_signature
 from .validation import CheckedImage, safe_filename
 
 FORMAT_SUFFIX = {"PNG": ".png", "JPEG": ".jpg", "MPO": ".jpg", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif", "TIFF": ".tif"}
@@ -85,7 +87,7 @@ class LearnJob:
                 suffix = FORMAT_SUFFIX.get(im.format, image.path.suffix.lower())
             shutil.copyfile(image.path, images_dir / f"{i:02d}-{safe_filename(Path(image.name).stem)}{suffix}")
         self.signature_before = file_signature(self.studio.share_path)
-        self.sha_before = file_sha256(self.studio.share_path) if self.signature_before else None
+        self.sha_before = file_token(self.studio.share_path) if self.signature_before else None
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", **self.studio.train_env)
         if self.studio.device == "cpu":
             env["ACCELERATE_USE_CPU"] = "true"
