@@ -9,6 +9,8 @@ cross-attention at 8x8 only (today) vs at 16x16 and 8x8 (as Stable Diffusion), a
     python train/pilot_bases.py prepare
     # one pilot: pretrain (time budget), base quality, untrained-base and reference-LoRA identity
     python train/pilot_bases.py pilot --name P1 --world rich --cross-attn 8 --minutes 12
+    # which adapter (attention LoRA, + convolutions, the whole UNet) can draw them on a base
+    python train/pilot_bases.py reach --base assets/tiny-base --concepts 3
 
 Every pilot reuses the shipped VAE (assets/tiny-base/vae; `prepare` measures that it round-trips the
 novel concepts) and trains tokenizer, CLIP text encoder and UNet from scratch with
@@ -40,7 +42,7 @@ from PIL import Image, ImageFilter
 from safetensors.torch import save_file
 
 import share_lab
-from share_diffusers.training import Example
+from share_diffusers.training import Example, train_in_process
 from share_lab import ROOT, evaluation, world
 from share_lab import pilot_world as pw
 from share_lab.baselines import train_lora_baseline
@@ -358,6 +360,51 @@ def pilot(args) -> None:
     print(f"{args.name}: done, LoRA identity mean {np.mean(list(lora.values())):.3f} ({(time.time() - start) / 60:.1f} min)", flush=True)
 
 
+# --------------------------------------------------------------------------- adapter reach
+
+# What an adapter may change, at the shipped recipe's data, batch size and seed. The base has cross-
+# attention only at 8x8, so the reference LoRA (attention projections) cannot touch the 16x16 level
+# where a silhouette is drawn; the other recipes reach it (convolutions) or change everything.
+REACH = {
+    "lora-attn": dict(kind="lora", targets=["to_q", "to_k", "to_v", "to_out.0"], steps=400, lr=3e-3),
+    "lora-attn-conv": dict(kind="lora", targets=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"], steps=400, lr=3e-3),
+    "full-unet": dict(kind="full", steps=1500, lr=1e-4),
+}
+
+
+def train_recipe(pipe, recipe: dict, examples: list[Example]) -> None:
+    if recipe["kind"] == "lora":
+        train_lora_baseline(pipe, "reach", examples, recipe["steps"], recipe["lr"], LORA["batch_size"], LORA["rank"], LORA["seed"],
+                            target_modules=recipe["targets"])
+    else:
+        params = list(pipe.unet.parameters())
+        train_in_process(pipe, params, examples, recipe["steps"], recipe["lr"], batch_size=LORA["batch_size"], seed=LORA["seed"])
+        pipe.unet.requires_grad_(False)
+
+
+def reach(args) -> None:
+    """Generated identity of each adapter recipe in REACH on the first --concepts novel concepts."""
+    base_dir = args.base
+    classifier, cs = load_classifier(), concepts()[:args.concepts]
+    key = ["reach", base_dir.name]
+    record(key + ["command"], "python train/pilot_bases.py reach " + " ".join(sys.argv[2:]))
+    for name in args.recipes:
+        rows, result = [], {"recipe": REACH[name], "per_concept": {}, "seconds": []}
+        for k, concept in enumerate(cs):
+            stage = time.time()
+            pipe = load_pipe(base_dir)
+            train, _ = world.concept_splits(concept, 5, 20)
+            train_recipe(pipe, REACH[name], [Example(s.image, s.caption, Path(f"{concept.name}-{i}.png")) for i, s in enumerate(train)])
+            trained = time.time() - stage
+            result["per_concept"][concept.name], images = identity(pipe, concept, k, classifier, args.generated)
+            result["seconds"].append({"train": round(trained), "generate": round(time.time() - stage - trained)})
+            result["mean"] = float(np.mean(list(result["per_concept"].values())))
+            record(key + [name], result)
+            rows.append([s.image for s in train[:3]] + images[:8])
+            print(f"reach {name}: {concept.name} identity {result['per_concept'][concept.name]:.2f} ({time.time() - stage:.0f} s)", flush=True)
+        save_grid(rows, RESULTS.parent / f"reach-{base_dir.name}-{name}.png")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -384,10 +431,15 @@ def main() -> None:
     p.add_argument("--lora-steps", type=int, default=LORA["steps"], help="smoke tests only; the recipe is 400")
     p.add_argument("--generated", type=int, default=GENERATED_PER_CONCEPT, help="generated images per concept")
     p.add_argument("--untrained-generated", type=int, default=12, help="the same for the untrained-base control")
+    p = sub.add_parser("reach", help="which adapter recipe can draw a novel concept on a given base")
+    p.add_argument("--base", type=Path, default=share_lab.TINY_BASE)
+    p.add_argument("--recipes", nargs="+", choices=list(REACH), default=list(REACH))
+    p.add_argument("--concepts", type=int, default=N_CONCEPTS)
+    p.add_argument("--generated", type=int, default=GENERATED_PER_CONCEPT)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     RUNS.mkdir(parents=True, exist_ok=True)
-    prepare(args) if args.command == "prepare" else pilot(args)
+    {"prepare": prepare, "pilot": pilot, "reach": reach}[args.command](args)
 
 
 if __name__ == "__main__":

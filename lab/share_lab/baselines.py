@@ -19,19 +19,21 @@ LORA_TARGETS = list(PROJECTIONS["unet"])  # what Diffusers' train_dreambooth_lor
 
 
 def train_lora_baseline(pipe, adapter_name: str, examples: list[Example], steps: int, lr: float, batch_size: int = 4,
-                        rank: int = 4, seed: int = 0, center_crop: bool = True) -> dict[str, torch.Tensor]:
+                        rank: int = 4, seed: int = 0, center_crop: bool = True,
+                        target_modules: list[str] = LORA_TARGETS) -> dict[str, torch.Tensor]:
     """Train a PEFT LoRA (``lora_alpha = rank``) on the UNet's attention projections, the yardstick
     Share is measured against; returns its state dict in Diffusers format (``save_lora_weights``).
 
     Same data pipeline, loss, batch size, optimizer and clipping as ``learn_concept.py``. A new
     adapter is added, or an existing ``adapter_name`` keeps training (naive sequential fine-tuning).
-    The base stays frozen and the adapter stays active on ``pipe``.
+    The base stays frozen and the adapter stays active on ``pipe``. ``target_modules`` other than
+    the attention projections are for measuring what an adapter can reach (train/pilot_bases.py).
     """
     unet = pipe.unet
     if adapter_name not in getattr(unet, "peft_config", {}):
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
+            config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(target_modules))
             unet.add_adapter(config, adapter_name=adapter_name)
     unet.set_adapter(adapter_name)
     unet.requires_grad_(False)
