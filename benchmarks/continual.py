@@ -17,7 +17,7 @@ concept, bytes stored per concept, trainable parameters and wall time. Output: J
 table and a PNG plot in ``--out``.
 
     python benchmarks/continual.py                 # 10 concepts, full run (CPU: about an hour)
-    python benchmarks/continual.py --quick         # 3 concepts, few steps: a smoke test
+    python benchmarks/continual.py --quick         # 2 concepts, few steps: a smoke test
     # the same full run as two processes (one per CPU core), then one table and plot:
     python benchmarks/continual.py --methods share lora --out runs/cA & \
     python benchmarks/continual.py --methods naive joint --out runs/cB; wait
@@ -72,7 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--compare", nargs=2, metavar="RUN:METHOD",
                    help="no training: per-concept identity of two finished runs (their --out or continual.json), "
                         "e.g. runs/a:lora runs/b:lora where b ran with another --seed")
-    p.add_argument("--quick", action="store_true", help="3 concepts, 20 steps, one learning rate, 2 images")
+    p.add_argument("--quick", action="store_true", help="2 concepts, 10 steps, one learning rate, 2 images")
     args = p.parse_args(argv)
     try:
         args.lr = {family: float(lr) for family, lr in (item.split("=") for item in args.lr)}
@@ -81,7 +81,7 @@ def parse_args(argv=None):
     if set(args.lr) - {"share", "lora"}:
         p.error(f"--lr families are share and lora, got {sorted(args.lr)}")
     if args.quick:
-        args.concepts, args.steps, args.lrs, args.images = 3, 20, args.lrs[:1], 2
+        args.concepts, args.steps, args.lrs, args.images = 2, 10, args.lrs[:1], 2
     return args
 
 

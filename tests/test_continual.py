@@ -1,4 +1,4 @@
-"""benchmarks/continual.py end to end in its --quick mode (3 concepts, 20 steps): every method runs,
+"""benchmarks/continual.py end to end in its --quick mode (2 concepts, 10 steps): every method runs,
 the outputs are written, and runs of different settings refuse to combine."""
 
 import json
@@ -21,13 +21,13 @@ def test_quick_run_writes_every_method_and_its_outputs(quick_run):
     assert json.loads((out / "continual.json").read_text())["methods"].keys() == set(continual.METHODS)
     for name, r in summary["methods"].items():
         R = np.array(r["R"], dtype=float)
-        assert R.shape == (3, 3), name
-        filled = R[-1] if name == "joint" else R[np.tril_indices(3)]
+        assert R.shape == (2, 2), name
+        filled = R[-1] if name == "joint" else R[np.tril_indices(2)]
         assert np.isfinite(filled).all(), name
-        assert len(r["identity"]) == 3 and all(0 <= x <= 1 for x in r["identity"]), name
+        assert len(r["identity"]) == 2 and all(0 <= x <= 1 for x in r["identity"]), name
     share, lora = summary["methods"]["share"], summary["methods"]["lora"]
     assert lora["bytes_per_concept"] / share["bytes_per_concept"] >= 50
-    assert abs(share["forgetting"]) < 1e-3  # three rank-1 concepts fit in k <= 16: lossless merges
+    assert abs(share["forgetting"]) < 1e-3  # two rank-1 concepts fit in k <= 16: lossless merges
     assert "within their 95% sampling interval at 2 images" in (out / "continual.md").read_text()
 
 
@@ -46,6 +46,6 @@ def test_compare_reports_per_concept_identity_gaps(quick_run, capsys):
     share, lora = (np.array(summary["methods"][m]["identity"]) for m in ("share", "lora"))
     printed = capsys.readouterr().out
     assert f"identity accuracy {100 * (share - lora).mean():+.0f} points" in printed
-    assert "of 3 within 5 points" in printed
+    assert "of 2 within 5 points" in printed
     with pytest.raises(SystemExit, match="no method 'bogus'"):
         continual.main(["--compare", f"{out}:share", f"{out}:bogus"])

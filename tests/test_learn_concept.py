@@ -145,11 +145,19 @@ def test_compress_loras_round_trips(tmp_path):
             torch.testing.assert_close(B @ A.T, factors[layer][0] @ factors[layer][1].T, atol=1e-5, rtol=1e-4)
 
 
+@pytest.fixture(scope="module")
+def learned_once(tmp_path_factory):
+    """One concept learned into a Share file, once for this module (a run costs most of a minute)."""
+    tmp = tmp_path_factory.mktemp("learned")
+    learn(tmp, 4, tmp / "share.safetensors")
+    return tmp / "share.safetensors"
+
+
 @pytest.fixture
-def existing_share(tmp_path):
-    """A Share file with one concept learned, and its bytes, to prove failures leave it untouched."""
+def existing_share(tmp_path, learned_once):
+    """A private copy of that Share file, and its bytes, to prove failures leave it untouched."""
     share = tmp_path / "share.safetensors"
-    learn(tmp_path, 4, share)
+    shutil.copyfile(learned_once, share)
     return share, share.read_bytes()
 
 
