@@ -16,6 +16,7 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -25,11 +26,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ShareConfig
+from .hub import is_repo_id, resolve_file
 from .io import ShareFileError, atomic_write, read_share, save_share
 from .subspace import ShareState, balance
 from .targets import COMPONENTS, PROJECTIONS, kind, split_layer
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # Diffusers' file name (LORA_WEIGHT_NAME_SAFE)
 _SUFFIX = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.[^.]+)?\.weight$")
 
 
@@ -79,9 +82,27 @@ def _scale_rule(metadata: dict, config: dict):
     return scale
 
 
-def read_lora(path: str | os.PathLike) -> Factors:
-    """A LoRA file (or folder) as ``{layer: (B n×r, A d×r)}`` in Share's layer naming, scale folded in."""
-    sd, metadata, config = _load(Path(path))
+def _source(lora, weight_name: str | None = None, **hub_kwargs) -> tuple[dict[str, torch.Tensor], dict, dict, str]:
+    """Tensors, metadata, adapter config and a printable name of a LoRA: a state dict, a file or
+    PEFT folder, or a Hub repo id (its ``weight_name``, default ``pytorch_lora_weights.safetensors``)."""
+    if isinstance(lora, Mapping):
+        bad = [k for k, v in lora.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+        if bad:
+            raise TypeError(f"A LoRA state dict maps key names to tensors; got {bad[0]!r}: {type(lora[bad[0]]).__name__}.")
+        return dict(lora), {}, {}, "<LoRA state dict>"
+    if isinstance(lora, (str, os.PathLike)) and not Path(lora).exists() and is_repo_id(lora):
+        lora = resolve_file(lora, weight_name, LORA_WEIGHT_NAME, "LoRA file", **hub_kwargs)
+    elif isinstance(lora, (str, os.PathLike)) and weight_name and Path(lora).is_dir():
+        lora = Path(lora) / (hub_kwargs.get("subfolder") or "") / weight_name
+    elif not isinstance(lora, (str, os.PathLike)):
+        raise TypeError(f"Expected a LoRA file, folder, Hub repo id or state dict, got {type(lora).__name__}.")
+    return *_load(Path(lora)), str(lora)
+
+
+def read_lora(path, weight_name: str | None = None, **hub_kwargs) -> Factors:
+    """A LoRA (file, PEFT folder, Hub repo id or state dict) as ``{layer: (B n×r, A d×r)}`` in Share's
+    layer naming, scale folded in."""
+    sd, metadata, config, path = _source(path, weight_name, **hub_kwargs)
     if all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in sd):
         sd, _ = _convert_non_diffusers_lora_to_diffusers(_fold_kohya_alphas(sd))
     scale = _scale_rule(metadata, config)
@@ -132,25 +153,30 @@ def read_lora(path: str | os.PathLike) -> Factors:
 
 
 def loras_to_share(
-    lora_files: list[str | os.PathLike],
+    lora_files: list,
     output_path: str | os.PathLike,
     names: list[str] | None = None,
     shapes: dict[str, tuple[int, int]] | None = None,
     basis_rank: int = 64,
     energy: float | None = None,
     triggers: list[str | None] | None = None,
+    weight_name: str | None = None,
+    **hub_kwargs,
 ) -> dict[str, dict]:
-    """Fold LoRA files into one Share file, one concept per LoRA; no training data needed.
+    """Fold LoRAs (files, PEFT folders, Hub repo ids with ``weight_name=``/``revision=``/…, or state
+    dicts) into one Share file, one concept per LoRA; no training data needed.
 
     The basis is the top-``basis_rank`` subspace of all LoRAs' deltas (see `LayerShare.merge`),
     every LoRA is projected on it, and the returned report gives each LoRA's relative
     reconstruction error ``‖ΔW − ΔŴ‖_F / ‖ΔW‖_F`` (overall and per layer). ``shapes`` lists the
     base model's adapted layers (``{layer: (n, d)}``); by default, the layers the LoRAs touch.
     """
+    if names is None and any(isinstance(f, Mapping) for f in lora_files):
+        raise ValueError("LoRA state dicts have no file name: pass names=, one concept name per LoRA.")
     names = names or [Path(f).stem for f in lora_files]
     if len(names) != len(lora_files) or len(set(names)) != len(names):
         raise ValueError("Need one unique concept name per LoRA file.")
-    loras = {name: read_lora(f) for name, f in zip(names, lora_files)}
+    loras = {name: read_lora(f, weight_name, **hub_kwargs) for name, f in zip(names, lora_files)}
     if shapes is None:
         shapes = {}
         for factors in loras.values():
@@ -162,7 +188,8 @@ def loras_to_share(
         for layer, (B, A) in factors.items():
             if layer not in shapes or shapes[layer] != (B.shape[0], A.shape[0]):
                 raise ShareFileError(f"LoRA {name!r}: layer {layer} {(B.shape[0], A.shape[0])} does not fit the base model.")
-    meta = {name: {"trigger": t, "source": str(f)} for name, f, t in zip(names, lora_files, triggers or [None] * len(names))}
+    sources = ["<LoRA state dict>" if isinstance(f, Mapping) else str(f) for f in lora_files]
+    meta = {name: {"trigger": t, "source": s} for name, s, t in zip(names, sources, triggers or [None] * len(names))}
     state, report = ShareState.empty(shapes).merge(loras, meta=meta, k_max=basis_rank, energy=energy)
     save_share(state, output_path, config=ShareConfig(basis_rank=basis_rank, basis_energy=energy).to_dict())
     return report

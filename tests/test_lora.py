@@ -131,3 +131,36 @@ def test_bad_lora_inputs_name_the_problem(tmp_path):
         read_lora(tmp_path / "conv.safetensors")
     with pytest.raises(FileNotFoundError):
         read_lora(tmp_path / "nothing.safetensors")
+
+
+def test_loras_from_state_dicts_and_an_offline_hub_repo(loras, tmp_path, monkeypatch):
+    """Before: only local paths. A state dict (as ``load_lora_weights`` takes) and a Hub repo id
+    (``weight_name=``, ``revision=``, through huggingface_hub's cache with HF_HUB_OFFLINE) fold the same."""
+    import huggingface_hub.constants as constants
+    from safetensors.torch import load_file
+
+    from share_lab.tiny_pipelines import fake_hub_repo
+
+    pipe, files, truth = loras
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    fake_hub_repo(tmp_path / "hub", "someone/kohya-lora", {"pytorch_lora_weights.safetensors": files[2]})
+    fake_hub_repo(tmp_path / "hub", "someone/two", {"old.safetensors": files[0], "pytorch_lora_weights.safetensors": files[4]}, revision="v1")
+    sources = [load_file(files[0]), "someone/kohya-lora", load_file(files[3] / "adapter_model.safetensors")]
+    with pytest.raises(ValueError, match="pass names="):
+        loras_to_share(sources, tmp_path / "s.safetensors")
+    report = loras_to_share(sources, tmp_path / "s.safetensors", names=["sd", "hub", "peft"], shapes=pipeline_shapes(pipe))
+    state, header = read_share(tmp_path / "s.safetensors")
+    assert [c["source"] for c in header["concepts"]] == ["<LoRA state dict>", "someone/kohya-lora", "<LoRA state dict>"]
+    # (a PEFT state dict without its adapter_config has no alpha: scale 1, as in load_lora_weights)
+    for name, expected, scale in (("sd", truth[0], 1.0), ("hub", truth[2], 1.0), ("peft", truth[3], 1 / 0.5)):
+        assert report[name]["overall"] < 1e-5
+        for layer, delta in expected.items():
+            torch.testing.assert_close(state.delta(layer, {name: 1.0}), delta * scale, atol=1e-5, rtol=1e-4)
+    factors = read_lora("someone/two", weight_name="old.safetensors", revision="v1")
+    for layer, (B, A) in factors.items():
+        torch.testing.assert_close(B @ A.mT, truth[0][layer], atol=1e-5, rtol=1e-5)
+    with pytest.raises(FileNotFoundError, match="'pytorch_lora_weights.safetensors' of the Hub repo someone/absent.*HF_HUB_OFFLINE"):
+        read_lora("someone/absent")
+    with pytest.raises(TypeError, match="maps key names to tensors"):
+        read_lora({"unet.a.lora_A.weight": [1.0]})

@@ -128,3 +128,27 @@ def random_share(pipe, path, names=("cat", "dog", "owl"), p=2, scale=0.3, k_max=
     state, _ = ShareState.empty(shapes).merge(new, meta=meta, k_max=k_max)
     save_share(state, path)
     return state
+
+
+def fake_hub_repo(cache: str | Path, repo_id: str, files: dict[str, str | Path | bytes], revision: str = "main") -> Path:
+    """A Hub model repo in a local Hub cache, as ``huggingface_hub`` lays it out
+    (``models--owner--name/refs/<revision>``, ``snapshots/<sha>/<file>``), for offline tests.
+    ``files`` maps a path in the repo to a local file or folder (copied) or bytes; returns the snapshot folder."""
+    import hashlib
+    import shutil
+
+    repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    sha = hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
+    snapshot = repo / "snapshots" / sha
+    for name, src in files.items():
+        target = snapshot / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(src, bytes):
+            target.write_bytes(src)
+        elif Path(src).is_dir():
+            shutil.copytree(src, target, dirs_exist_ok=True)
+        else:
+            shutil.copy(src, target)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / revision).write_text(sha)
+    return snapshot
