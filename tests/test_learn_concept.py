@@ -409,10 +409,13 @@ def test_push_to_hub_uploads_the_share_file_card_report_and_images_in_one_commit
 
     monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
+    from share_lab.tiny_pipelines import random_share, tiny_sd
+
     out = tmp_path / "my-run"
     out.mkdir()
     share = tmp_path / "concepts.safetensors"
-    for path, data in [(share, b"share"), (tmp_path / "README.md", b"card"), (out / "report.json", b"{}"),
+    random_share(tiny_sd(), share, names=("blob",))
+    for path, data in [(tmp_path / "README.md", b"someone's own README"), (out / "report.json", b"{}"),
                        (out / "validation_0.png", b"png0"), (out / "checkpoint-4.bin", b"not uploaded")]:
         path.write_bytes(data)
     args = script.parse_args(["--share_path", str(share), "--output_dir", str(out), "--push_to_hub", "--hub_token", "tok",
@@ -421,7 +424,11 @@ def test_push_to_hub_uploads_the_share_file_card_report_and_images_in_one_commit
     (create, upload) = calls
     assert create == ("create", "my-run", True, "tok")
     assert upload[:2] == ("upload", "me/my-run") and upload[3] == "tok" and "'blob'" in upload[4]
-    assert upload[2] == {"share.safetensors": b"share", "README.md": b"card", "report.json": b"{}", "validation_0.png": b"png0"}
+    uploaded = upload[2]
+    assert set(uploaded) == {"share.safetensors", "README.md", "report.json", "validation_0.png"}
+    assert uploaded["share.safetensors"] == share.read_bytes() and uploaded["validation_0.png"] == b"png0"
+    card = uploaded["README.md"].decode()  # a card for the repo, not the README.md that happened to be beside the file
+    assert 'pipe.load_share("me/my-run")' in card and "| blob |" in card
     calls.clear()
     args.hub_model_id = "org/concepts"
     script.push_to_hub(args, {"lora_path": str(share)})  # --no_merge: the LoRA file instead

@@ -774,10 +774,14 @@ def push_to_hub(args, result: dict) -> str:
     if "lora_path" in result:
         files["pytorch_lora_weights.safetensors"] = Path(result["lora_path"])
     else:
-        files |= {DEFAULT_WEIGHT_NAME: share, "README.md": share.parent / "README.md", "report.json": output_dir / "report.json"}
+        files |= {DEFAULT_WEIGHT_NAME: share, "report.json": output_dir / "report.json"}
     with tempfile.TemporaryDirectory(prefix="share-push-") as staging:
         for name, path in files.items():
             shutil.copy(path, Path(staging) / name)
+        if "lora_path" not in result:  # the card, with the example loading from the repo
+            state, header = read_share(Path(staging) / DEFAULT_WEIGHT_NAME)
+            write_model_card(Path(staging) / DEFAULT_WEIGHT_NAME, state, header["config"], load_from=repo_id)
+            files["README.md"] = None
         upload_folder(repo_id=repo_id, folder_path=staging, token=args.hub_token,
                       commit_message=f"Share: add concept {args.concept_name!r}")
     print(f"Pushed {', '.join(files)} to https://huggingface.co/{repo_id}")
