@@ -35,6 +35,7 @@ from .targets import COMPONENTS, PROJECTIONS, kind, split_layer
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # Diffusers' file name (LORA_WEIGHT_NAME_SAFE)
+PEFT_WEIGHT_NAME, PEFT_CONFIG_NAME = "adapter_model.safetensors", "adapter_config.json"  # a PEFT adapter folder
 _SUFFIX = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.[^.]+)?\.weight$")
 
 
@@ -93,7 +94,17 @@ def _source(lora, weight_name: str | None = None, **hub_kwargs) -> tuple[dict[st
             raise TypeError(f"A LoRA state dict maps key names to tensors; got {bad[0]!r}: {type(lora[bad[0]]).__name__}.")
         return dict(lora), {}, {}, "<LoRA state dict>"
     if isinstance(lora, (str, os.PathLike)) and not Path(lora).exists() and is_repo_id(lora):
-        lora = resolve_file(lora, weight_name, LORA_WEIGHT_NAME, "LoRA file", **hub_kwargs)
+        try:
+            lora = resolve_file(lora, weight_name, LORA_WEIGHT_NAME, "LoRA file", **hub_kwargs)
+        except FileNotFoundError:
+            if weight_name is not None:
+                raise
+            try:  # a PEFT adapter repo: adapter_model.safetensors beside its adapter_config.json (one snapshot folder)
+                resolve_file(lora, PEFT_CONFIG_NAME, PEFT_CONFIG_NAME, "LoRA file", **hub_kwargs)
+                lora = resolve_file(lora, PEFT_WEIGHT_NAME, PEFT_WEIGHT_NAME, "LoRA file", **hub_kwargs).parent
+            except FileNotFoundError:
+                raise FileNotFoundError(f"The Hub repo {lora} has neither {LORA_WEIGHT_NAME} nor a PEFT adapter ({PEFT_WEIGHT_NAME} "
+                                        "with adapter_config.json) that can be loaded; name the file with weight_name=.") from None
     elif isinstance(lora, (str, os.PathLike)) and weight_name and Path(lora).is_dir():
         lora = Path(lora) / (hub_kwargs.get("subfolder") or "") / weight_name
     elif not isinstance(lora, (str, os.PathLike)):

@@ -146,6 +146,7 @@ def test_loras_from_state_dicts_and_an_offline_hub_repo(loras, tmp_path, monkeyp
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     fake_hub_repo(tmp_path / "hub", "someone/kohya-lora", {"pytorch_lora_weights.safetensors": files[2]})
     fake_hub_repo(tmp_path / "hub", "someone/two", {"old.safetensors": files[0], "pytorch_lora_weights.safetensors": files[4]}, revision="v1")
+    fake_hub_repo(tmp_path / "hub", "someone/peft-adapter", {".": files[3]})  # adapter_model.safetensors + adapter_config.json
     sources = [load_file(files[0]), "someone/kohya-lora", load_file(files[3] / "adapter_model.safetensors")]
     with pytest.raises(ValueError, match="pass names="):
         loras_to_share(sources, tmp_path / "s.safetensors")
@@ -157,11 +158,15 @@ def test_loras_from_state_dicts_and_an_offline_hub_repo(loras, tmp_path, monkeyp
         assert report[name]["overall"] < 1e-5
         for layer, delta in expected.items():
             torch.testing.assert_close(state.delta(layer, {name: 1.0}), delta * scale, atol=1e-5, rtol=1e-4)
+    for layer, (B, A) in read_lora("someone/peft-adapter").items():  # its adapter_config's alpha honoured
+        torch.testing.assert_close(B @ A.mT, truth[3][layer], atol=1e-5, rtol=1e-5)
     factors = read_lora("someone/two", weight_name="old.safetensors", revision="v1")
     for layer, (B, A) in factors.items():
         torch.testing.assert_close(B @ A.mT, truth[0][layer], atol=1e-5, rtol=1e-5)
-    with pytest.raises(FileNotFoundError, match="'pytorch_lora_weights.safetensors' of the Hub repo someone/absent.*HF_HUB_OFFLINE"):
+    with pytest.raises(FileNotFoundError, match="someone/absent has neither pytorch_lora_weights.safetensors nor a PEFT adapter"):
         read_lora("someone/absent")
+    with pytest.raises(FileNotFoundError, match="'nope.safetensors' of the Hub repo someone/two.*HF_HUB_OFFLINE"):
+        read_lora("someone/two", weight_name="nope.safetensors")
     with pytest.raises(TypeError, match="maps key names to tensors"):
         read_lora({"unet.a.lora_A.weight": [1.0]})
 
