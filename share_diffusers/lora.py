@@ -3,7 +3,10 @@
 Reading accepts the key styles people have: Diffusers (``unet.….lora.down.weight``, old
 ``….processor.to_q_lora.down.weight``, text-encoder ``lora_linear_layer``), PEFT (``lora_A`` /
 ``lora_B``, with or without ``base_model.model.``, a PEFT adapter folder with its
-``adapter_config.json``) and kohya (``lora_unet_…``, ``lora_te_…`` with ``.alpha``). Scaling
+``adapter_config.json``) and kohya (``lora_unet_…``, ``lora_te_…`` with ``.alpha``); for Flux also the
+original layouts (kohya/ComfyUI ``…double_blocks_0_img_attn_qkv…``, XLabs ``…processor.qkv_lora1…``),
+which `FluxLoraLoaderMixin.lora_state_dict` renames and splits (fused qkv → ``to_q/k/v``) exactly as
+``load_lora_weights`` does. Scaling
 (``alpha / r``, rsLoRA ``alpha / √r``, alpha and rank patterns) is folded into the factors, so
 each LoRA becomes plain ``{layer: (B n×r, A d×r)}`` with ``ΔW = B Aᵀ``. Diffusers' own key
 converters do the renaming.
@@ -19,6 +22,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from diffusers.loaders import FluxLoraLoaderMixin
 from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
 from diffusers.utils.state_dict_utils import StateDictType, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 from safetensors import safe_open
@@ -31,6 +35,7 @@ from .targets import COMPONENTS, PROJECTIONS, kind, split_layer
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 _SUFFIX = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.[^.]+)?\.weight$")
+_FLUX_ORIGINAL = re.compile(r"(^|[._])(double|single)_blocks[._]|^lora_transformer_")  # BFL's block names (kohya, ComfyUI, XLabs)
 
 
 def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
@@ -82,7 +87,9 @@ def _scale_rule(metadata: dict, config: dict):
 def read_lora(path: str | os.PathLike) -> Factors:
     """A LoRA file (or folder) as ``{layer: (B n×r, A d×r)}`` in Share's layer naming, scale folded in."""
     sd, metadata, config = _load(Path(path))
-    if all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in sd):
+    if any(_FLUX_ORIGINAL.search(k) for k in sd):
+        sd = FluxLoraLoaderMixin.lora_state_dict(sd)  # to transformer.…lora_A/B, alphas folded
+    elif all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in sd):
         sd, _ = _convert_non_diffusers_lora_to_diffusers(_fold_kohya_alphas(sd))
     scale = _scale_rule(metadata, config)
     by_component: dict[str, dict[str, torch.Tensor]] = {}
@@ -90,7 +97,9 @@ def read_lora(path: str | os.PathLike) -> Factors:
         key = key.removeprefix("base_model.model.")
         component, _, rest = key.partition(".")
         if component not in COMPONENTS:  # un-prefixed PEFT state dict: guess from the path
-            component, rest = ("unet" if re.match(r"(down_blocks|mid_block|up_blocks)\.", key) else "text_encoder"), key
+            component = "unet" if re.match(r"(down_blocks|mid_block|up_blocks)\.", key) else "text_encoder"
+            component = "transformer" if re.match(r"(single_)?transformer_blocks\.", key) else component
+            rest = key
         by_component.setdefault(component, {})[rest] = value
 
     factors: Factors = {}
