@@ -89,6 +89,10 @@ def read_lora(path: str | os.PathLike) -> Factors:
     sd, metadata, config = _load(Path(path))
     if any(_FLUX_ORIGINAL.search(k) for k in sd):
         sd = FluxLoraLoaderMixin.lora_state_dict(sd)  # to transformer.…lora_A/B, alphas folded
+        unconverted = [k for k in sd if k.partition(".")[0] not in COMPONENTS]
+        if unconverted:
+            raise ShareFileError(f"{path}: a Flux LoRA layout that Diffusers' FluxLoraLoaderMixin does not convert (so "
+                                 f"load_lora_weights cannot load it either), e.g. {unconverted[:2]}.")
     elif all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in sd):
         sd, _ = _convert_non_diffusers_lora_to_diffusers(_fold_kohya_alphas(sd))
     scale = _scale_rule(metadata, config)
