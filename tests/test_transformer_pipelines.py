@@ -129,15 +129,58 @@ def test_a_batch_of_different_concepts_equals_separate_calls(name, guidance, tmp
     assert (generate(pipe, prompts[0], **{k: v for k, v in kw.items() if k != "negative_prompt"}) - separate[0]).abs().max() > 1e-3
 
 
-def test_per_call_selection_through_joint_attention_kwargs(tmp_path):
-    pipe = tiny_flux()
-    random_share(pipe, tmp_path / "s.safetensors", components=["transformer"])
+def test_sd3_skip_layer_guidance_keeps_each_prompts_concept(tmp_path):
+    """SD3's skip-layer guidance adds a third transformer call holding only the conditional half."""
+    pipe = tiny_sd3()
+    random_share(pipe, tmp_path / "s.safetensors")
     pipe.load_share(tmp_path / "s.safetensors")
+    kw = {"num_images_per_prompt": 2, "guidance_scale": 5.0, "skip_guidance_layers": [0], "skip_layer_guidance_stop": 1.0}
+    pipe.set_share_concepts(["cat", "dog"])
+    batch = generate(pipe, ["a cat", "a dog"], **kw)
+    separate = []
+    for i, selection in enumerate(["cat", "dog"]):
+        pipe.set_share_concepts(selection)
+        separate.append(generate(pipe, ["a cat", "a dog"][i], seed=2 * i, **kw))
+    torch.testing.assert_close(batch, torch.cat(separate), atol=1e-5, rtol=0)
+    assert (generate(pipe, "a dog", seed=2, **{**kw, "skip_guidance_layers": None}) - separate[1]).abs().max() > 1e-4
+
+
+def test_per_call_selection_and_scale_through_joint_attention_kwargs(tmp_path):
+    pipe = tiny_flux()
+    base = generate(pipe)
+    random_share(pipe, tmp_path / "s.safetensors")
+    pipe.load_share(tmp_path / "s.safetensors")
+    pipe.set_share_concepts("cat")
+    cat = generate(pipe)
+    torch.testing.assert_close(generate(pipe, joint_attention_kwargs={"scale": 0.0}), base, atol=1e-6, rtol=0)  # text encoder too
+    pipe.set_share_concepts("dog")
+    with pytest.warns(UserWarning, match="text encoders use the selection of set_share_concepts"):
+        per_call = generate(pipe, joint_attention_kwargs={"share": "cat"})
+    pipe.set_share_concepts("dog")
+    dog = generate(pipe)
+    assert (per_call - cat).abs().max() > 1e-4 and (per_call - dog).abs().max() > 1e-4  # transformer cat, CLIP dog
+    pipe.unload_share()
+    random_share(pipe, tmp_path / "t.safetensors", components=["transformer"])
+    pipe.load_share(tmp_path / "t.safetensors")
     pipe.set_share_concepts("cat")
     cat = generate(pipe)
     pipe.set_share_concepts("dog")
     torch.testing.assert_close(generate(pipe, joint_attention_kwargs={"share": "cat"}), cat, atol=1e-6, rtol=0)
     assert (generate(pipe) - cat).abs().max() > 1e-3  # the pipeline's own selection is back
+
+
+def test_a_concept_exported_as_a_lora_gives_the_same_images(pipe, tmp_path):
+    """Transformer and CLIP layers (Flux's flattened CLIPTextModel, SD3's two encoders with projection)."""
+    random_share(pipe, tmp_path / "s.safetensors")
+    pipe.load_share(tmp_path / "s.safetensors")
+    pipe.set_share_concepts({"cat": 0.5, "owl": 0.5})
+    share = generate(pipe)
+    pipe.unload_share()
+    base = generate(pipe)
+    share_to_lora(tmp_path / "s.safetensors", {"cat": 0.5, "owl": 0.5}, tmp_path / "lora.safetensors")
+    pipe.load_lora_weights(tmp_path / "lora.safetensors")
+    assert set(pipe.get_list_adapters()) == {"transformer", *clip_components(pipe)}
+    assert (generate(pipe) - share).abs().max() <= 1e-4 and (share - base).abs().max() > 1e-2
 
 
 def test_fuse_then_unfuse_restores_every_weight_bit_exactly(pipe, tmp_path):
