@@ -134,6 +134,8 @@ class ShareAdapter(nn.Module):
         if self.trainer is not None:
             return self.trainer.layers[i](x, out)
         U, V, cores = self._views[i]
+        if not U.shape[-1] and out is not None:  # k = 0: no concept changes this layer (e.g. SD3's last add_q_proj, never read)
+            return out
         return share_delta(x, U, V, cores, self.index, out)
 
     def dense(self, i: int) -> Tensor:
