@@ -6,7 +6,8 @@ for pipeline subclasses, and, once ``share_diffusers`` is imported, as methods o
 
 A *selection* is a concept name, a ``{name: weight}`` mix, ``None`` (the base model), or a list
 with one of those per prompt. It is set for the pipeline with ``set_share_concepts`` or for one
-call with ``cross_attention_kwargs={"share": selection}`` (the UNet part; text encoders follow
+call with ``cross_attention_kwargs={"share": selection}`` (``joint_attention_kwargs`` on SD3 and Flux:
+the UNet's or transformer's part; text encoders follow
 the pipeline's selection, since Diffusers does not pass those kwargs to them).
 """
 
