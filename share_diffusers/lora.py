@@ -3,7 +3,10 @@
 Reading accepts the key styles people have: Diffusers (``unet.….lora.down.weight``, old
 ``….processor.to_q_lora.down.weight``, text-encoder ``lora_linear_layer``), PEFT (``lora_A`` /
 ``lora_B``, with or without ``base_model.model.``, a PEFT adapter folder with its
-``adapter_config.json``) and kohya (``lora_unet_…``, ``lora_te_…`` with ``.alpha``). Scaling
+``adapter_config.json``) and kohya (``lora_unet_…``, ``lora_te_…`` with ``.alpha``); for Flux also the
+original layouts (kohya/ComfyUI ``…double_blocks_0_img_attn_qkv…``, XLabs ``…processor.qkv_lora1…``),
+which `FluxLoraLoaderMixin.lora_state_dict` renames and splits (fused qkv → ``to_q/k/v``) exactly as
+``load_lora_weights`` does. Scaling
 (``alpha / r``, rsLoRA ``alpha / √r``, alpha and rank patterns) is folded into the factors, so
 each LoRA becomes plain ``{layer: (B n×r, A d×r)}`` with ``ΔW = B Aᵀ``. Diffusers' own key
 converters do the renaming. A LoRA is a file, a folder, a state dict or a Hub repo id. Layers Share
@@ -22,6 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from diffusers.loaders import FluxLoraLoaderMixin
 from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
 from diffusers.utils.state_dict_utils import StateDictType, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 from safetensors import safe_open
@@ -37,6 +41,7 @@ Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # Diffusers' file name (LORA_WEIGHT_NAME_SAFE)
 PEFT_WEIGHT_NAME, PEFT_CONFIG_NAME = "adapter_model.safetensors", "adapter_config.json"  # a PEFT adapter folder
 _SUFFIX = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.[^.]+)?\.weight$")
+_FLUX_ORIGINAL = re.compile(r"(^|[._])(double|single)_blocks[._]|^lora_transformer_")  # BFL's block names (kohya, ComfyUI, XLabs)
 
 
 def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
@@ -141,7 +146,13 @@ def read_lora_parts(path, weight_name: str | None = None, **hub_kwargs) -> tuple
     factors at all raise, naming them: nothing is ever dropped unmeasured."""
     sd, metadata, config, path = _source(path, weight_name, **hub_kwargs)
     _check_format(sd, path)
-    if all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in sd):
+    if any(_FLUX_ORIGINAL.search(k) for k in sd):
+        sd = FluxLoraLoaderMixin.lora_state_dict(sd)  # to transformer.…lora_A/B, alphas folded
+        unconverted = [k for k in sd if k.partition(".")[0] not in COMPONENTS]
+        if unconverted:
+            raise ShareFileError(f"{path}: a Flux LoRA layout that Diffusers' FluxLoraLoaderMixin does not convert (so "
+                                 f"load_lora_weights cannot load it either), e.g. {unconverted[:2]}.")
+    elif all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in sd):
         sd, _ = _convert_non_diffusers_lora_to_diffusers(_fold_kohya_alphas(sd))
     scale = _scale_rule(metadata, config)
     by_component: dict[str, dict[str, torch.Tensor]] = {}
@@ -149,7 +160,9 @@ def read_lora_parts(path, weight_name: str | None = None, **hub_kwargs) -> tuple
         key = key.removeprefix("base_model.model.")
         component, _, rest = key.partition(".")
         if component not in COMPONENTS:  # un-prefixed PEFT state dict: guess from the path
-            component, rest = ("unet" if re.match(r"(down_blocks|mid_block|up_blocks)\.", key) else "text_encoder"), key
+            component = "unet" if re.match(r"(down_blocks|mid_block|up_blocks)\.", key) else "text_encoder"
+            component = "transformer" if re.match(r"(single_)?transformer_blocks\.", key) else component
+            rest = key
         by_component.setdefault(component, {})[rest] = value
 
     factors: Factors = {}
@@ -316,6 +329,9 @@ def write_lora(factors: Factors, output_path: str | os.PathLike, format: str = "
     """
     if format not in LORA_FORMATS:
         raise ValueError(f"format must be one of {', '.join(LORA_FORMATS)}; got {format!r}.")
+    if format == "kohya" and any(split_layer(layer)[0] == "transformer" for layer in factors):
+        raise ValueError("format='kohya' writes UNet pipelines' LoRAs (SD 1.x/2.x, SDXL); export SD3/Flux concepts with "
+                         "format='diffusers', which their load_lora_weights reads.")
     tensors = {}
     two_encoders = any(split_layer(layer)[0] == "text_encoder_2" for layer in factors)
     kohya_prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if two_encoders else "lora_te_", "text_encoder_2": "lora_te2_"}

@@ -6,12 +6,14 @@ for pipeline subclasses, and, once ``share_diffusers`` is imported, as methods o
 
 A *selection* is a concept name, a ``{name: weight}`` mix, ``None`` (the base model), or a list
 with one of those per prompt. It is set for the pipeline with ``set_share_concepts`` or for one
-call with ``cross_attention_kwargs={"share": selection}`` (the UNet part; text encoders follow
+call with ``cross_attention_kwargs={"share": selection}`` (``joint_attention_kwargs`` on SD3 and Flux:
+the UNet's or transformer's part; text encoders follow
 the pipeline's selection, since Diffusers does not pass those kwargs to them).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import warnings
@@ -25,7 +27,7 @@ from .io import DEFAULT_WEIGHT_NAME, read_share, read_share_bytes
 from .processor import ShareAdapter, attach, bypassed, detach
 from .selection import check_compatible, check_selection, public_selection, resolve_selection  # noqa: F401  (re-exported: app, train)
 from .subspace import LayerShare, ShareState
-from .targets import COMPONENTS, pipeline_shapes, split_layer, unwrap
+from .targets import COMPONENTS, DENOISERS, pipeline_shapes, split_layer, unwrap
 
 
 @dataclass(frozen=True)
@@ -71,10 +73,11 @@ class ShareRuntime:
                 attach(model, component, modules, adapter)
                 self.models[component] = model
             for component, model in models.items():  # every text encoder tells who calls, even unadapted
-                if component == "unet" and component in self.models:
-                    self.handles.append(model.register_forward_pre_hook(self._unet_pre, with_kwargs=True))
+                if component in DENOISERS and component in self.models:
+                    pre = functools.partial(self._unet_pre, key=DENOISERS[component])
+                    self.handles.append(model.register_forward_pre_hook(pre, with_kwargs=True))
                     self.handles.append(model.register_forward_hook(self._unet_post, with_kwargs=True, always_call=True))
-                elif component != "unet":
+                elif component not in DENOISERS:
                     self.handles.append(model.register_forward_pre_hook(self._text_pre, with_kwargs=True))
                     if component in self.models:
                         self.handles.append(model.register_forward_hook(self._text_post, always_call=True))
@@ -110,7 +113,10 @@ class ShareRuntime:
             adapter.paused = paused
 
     def _check_attention(self, force: bool = False) -> None:
-        unet = self.models.get("unet")
+        for component in DENOISERS:
+            self._check_denoiser(self.models.get(component), force)
+
+    def _check_denoiser(self, unet, force: bool) -> None:
         if unet is None or not (force or unet.share_adapter.enabled):
             return
         problem = bypassed(unet)
@@ -149,21 +155,22 @@ class ShareRuntime:
             frame = frame.f_back
         return None
 
-    def _unet_pre(self, unet, args, kwargs):
+    def _unet_pre(self, unet, args, kwargs, key="cross_attention_kwargs"):
+        """The UNet's or transformer's pre-hook; ``key`` names its attention kwargs (``joint_attention_kwargs``)."""
         adapter = unet.share_adapter
-        cak = kwargs.get("cross_attention_kwargs")
+        cak = kwargs.get(key)
         prompt_group = self.prompt_group
         if cak and "share" in cak:
             if adapter.fused:
                 raise RuntimeError("Share is fused into the weights; unfuse_share() before selecting per call.")
-            kwargs = dict(kwargs, cross_attention_kwargs={k: v for k, v in cak.items() if k != "share"} or None)
+            kwargs = dict(kwargs, **{key: {k: v for k, v in cak.items() if k != "share"} or None})
             weights, prompt_group = resolve_selection(self.state, cak["share"])
             adapter.select(weights)
             self._call_selection = True
             if "text_encoder" in self.models and not self._warned_text:
                 self._warned_text = True
                 warnings.warn(
-                    "cross_attention_kwargs['share'] selects concepts in the UNet; the text encoders use the "
+                    f"{key}['share'] selects concepts in the {'UNet' if key == DENOISERS['unet'] else 'transformer'}; the text encoders use the "
                     "selection of set_share_concepts().",
                     stacklevel=2,
                 )
@@ -174,8 +181,9 @@ class ShareRuntime:
             return args, kwargs
         if not torch.compiler.is_compiling():  # traced, the hook must not touch the pipeline
             self._note_caller(unet)
-        sample = args[0] if args else kwargs["sample"]
-        adapter.index = self._index(prompt_group, sample.shape[0], self.cfg, sample.device)
+        sample = args[0] if args else kwargs["sample" if "sample" in kwargs else "hidden_states"]
+        cfg = 1 if kwargs.get("skip_layers") is not None else self.cfg  # SD3's skip-layer guidance: the conditional half only
+        adapter.index = self._index(prompt_group, sample.shape[0], cfg, sample.device)
         return args, kwargs
 
     def _unet_post(self, unet, args, kwargs, output):
@@ -196,7 +204,8 @@ class ShareRuntime:
             )
         if adapter is not None:
             adapter.scale(None)  # a call that raised leaves no scale behind
-            adapter.scale((getattr(caller, "cross_attention_kwargs", None) or {}).get("scale"))
+            call_kwargs = getattr(caller, "cross_attention_kwargs", None) or getattr(caller, "joint_attention_kwargs", None)
+            adapter.scale((call_kwargs or {}).get("scale"))
             adapter.index = self._index(self.prompt_group, ids.shape[0], 1, ids.device) if adapter.enabled else None
 
     def _text_post(self, model, args, output):

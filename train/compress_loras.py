@@ -4,7 +4,8 @@
 No training data is needed: the shared basis is the top subspace of all the LoRAs' deltas and
 each LoRA becomes one concept's coefficients in it. Prints each LoRA's reconstruction error
 (‖ΔW − ΔŴ‖/‖ΔW‖) and the bytes saved. Accepts files or folders (every ``*.safetensors`` in a
-folder, or a PEFT adapter folder), in Diffusers, PEFT or kohya key style.
+folder, or a PEFT adapter folder), in Diffusers, PEFT or kohya key style, and for Flux also kohya/ComfyUI and
+XLabs files (read through Diffusers' ``FluxLoraLoaderMixin``, as ``load_lora_weights`` reads them).
 """
 
 import argparse

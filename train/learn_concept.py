@@ -2,7 +2,8 @@
 """Learn one concept into a Share file: ``accelerate launch train/learn_concept.py [flags]``.
 
 The shared basis stays frozen; the concept's coefficients and φ temporary directions are trained
-on 3–20 images (DreamBooth-style, with the flags of Diffusers' ``train_dreambooth_lora.py``).
+on 3–20 images (DreamBooth-style, with the flags of Diffusers' ``train_dreambooth_lora.py``; on SD3
+and Flux pipelines with the flow-matching objective of ``train_dreambooth_lora_{sd3,flux}.py``).
 Then the concept is merged: the subspace is refit to all concepts, every old concept is
 re-expressed in it without any of its data, and the report says what that did to each of them
 (merge error, held-out loss before/after). The Share file is rewritten atomically and gets a
@@ -50,6 +51,7 @@ from share_diffusers.subspace import balance
 from share_diffusers.targets import model_shapes, split_layer
 from share_diffusers.training import (
     ConceptDataset,
+    FlowMatching,
     attach_new_concept,
     check_image_count,
     collate,
@@ -106,6 +108,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--pre_compute_text_embeddings", action="store_true",
       help="Encode every caption once before training, then keep the text encoder off the accelerator until validation.")
     a("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (pip install bitsandbytes).")
+    # transformer pipelines (SD3, Flux), as in Diffusers' train_dreambooth_lora_{sd3,flux}.py
+    a("--max_sequence_length", type=int, default=None, help="T5 tokens per prompt (default: 77 for SD3, 512 for Flux).")
+    a("--guidance_scale", type=float, default=3.5, help="Flux: the guidance embedding's value while training (FLUX.1-dev).")
+    a("--weighting_scheme", default=None, choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"],
+      help="How σ is sampled and weighted (default: logit_normal for SD3, none for Flux).")
     a("--train_batch_size", type=int, default=4)
     a("--num_train_epochs", type=int, default=1)
     a("--max_train_steps", type=int, default=400, help="Overrides --num_train_epochs.")
@@ -240,8 +247,12 @@ class Base:
     unet: UNet2DConditionModel
     noise_scheduler: DDPMScheduler
     dtype: torch.dtype
+    component: str = "unet"  # the denoiser's component: "unet", or "transformer" (held in ``unet``)
+    flow: FlowMatching | None = None  # transformer pipelines: their objective, text encoding and pipeline
 
     def pipeline(self, args):
+        if self.flow is not None:
+            return self.flow.pipe
         pipe = DiffusionPipeline.from_pretrained(
             self.path, unet=self.unet, text_encoder=self.text_encoder.to(self.unet.device), vae=self.vae, tokenizer=self.tokenizer,
             local_files_only=True, safety_checker=None, variant=args.variant,
@@ -273,7 +284,12 @@ def learn(args) -> dict | None:
         fail(f"{args.pretrained_model_name_or_path} is not a Diffusers pipeline folder (no model_index.json).")
     accelerator = make_accelerator(args)
     base = load_base(args, accelerator)
-    models = {"unet": base.unet} | ({"text_encoder": base.text_encoder} if args.train_text_encoder else {})
+    models = {base.component: base.unet} | ({"text_encoder": base.text_encoder} if args.train_text_encoder else {})
+    if base.flow is not None and args.finetune_after_merge_steps:
+        fail("--finetune_after_merge_steps is not available on transformer pipelines (SD3, Flux) yet.")
+    if base.flow is not None and (args.pre_compute_text_embeddings or args.tokenizer_name or args.validation_images):
+        fail("--pre_compute_text_embeddings, --tokenizer_name and --validation_images are not available on transformer pipelines "
+             "(SD3, Flux) yet.")
     old_state = share_to_extend(args, base, models)
     old_heldout = stored_heldout(args, old_state)
     # the new concept's trainable parametrisation, fp32 even under mixed precision
@@ -346,6 +362,8 @@ def make_accelerator(args) -> Accelerator:
 def load_base(args, accelerator) -> Base:
     path = args.base_path  # a local folder (a Hub id's snapshot, `learn` resolved it)
     load = dict(variant=args.variant, local_files_only=True)
+    if "transformer" in json.loads((path / "model_index.json").read_text()):
+        return load_transformer_base(args, accelerator, path, load)
     if args.tokenizer_path is not None:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path, local_files_only=True)
     else:
@@ -367,10 +385,27 @@ def load_base(args, accelerator) -> Base:
     return Base(path, tokenizer, text_encoder, vae, unet, noise_scheduler, dtype)
 
 
+def load_transformer_base(args, accelerator, path: Path, load: dict) -> Base:
+    """SD3 / Flux: the whole pipeline (its ``encode_prompt`` needs every text encoder), frozen, and its objective."""
+    pipe = DiffusionPipeline.from_pretrained(path, **load)
+    pipe.set_progress_bar_config(disable=True)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    for model in pipe.components.values():
+        if isinstance(model, torch.nn.Module):
+            model.requires_grad_(False)
+    pipe.to(accelerator.device, dtype=dtype)
+    if args.gradient_checkpointing:
+        pipe.transformer.enable_gradient_checkpointing()
+    args.resolution = args.resolution or pipe.default_sample_size * pipe.vae_scale_factor
+    flow = FlowMatching(pipe, args.max_sequence_length, args.guidance_scale, args.weighting_scheme)
+    args.max_sequence_length = flow.max_sequence_length
+    return Base(path, pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.transformer, flow.schedule, dtype, "transformer", flow)
+
+
 def share_to_extend(args, base: Base, models: dict) -> ShareState:
     """The Share file's state this concept joins (its namesake dropped with --overwrite_concept);
     sets ``args.config``, the settings it is continued with."""
-    base_shapes = model_shapes({"unet": base.unet, "text_encoder": base.text_encoder})
+    base_shapes = model_shapes({base.component: base.unet, "text_encoder": base.text_encoder})
     train_shapes = {n: s for n, s in base_shapes.items() if split_layer(n)[0] in models}
     try:
         state, args.config = load_state(args, base_shapes, train_shapes)
@@ -390,7 +425,7 @@ def train(args, accelerator, base: Base, models: dict, trainers: dict, examples,
     # its own generator: creating an iterator must not draw from the global RNG (exact resume)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
                                          num_workers=args.dataloader_num_workers, generator=torch.Generator().manual_seed(args.seed))
-    cache = Cache(base.vae, base.tokenizer, base.text_encoder, dataset, args, accelerator.device, base.dtype)
+    cache = Cache(base.vae, base.tokenizer, base.text_encoder, dataset, args, accelerator.device, base.dtype, base.flow)
     if args.pre_compute_text_embeddings:
         cache.text([e.caption for e in dataset.examples + dataset.class_examples])
         base.text_encoder.to("cpu")  # until a pipeline needs it (`Base.pipeline` brings it back)
@@ -448,7 +483,10 @@ def train(args, accelerator, base: Base, models: dict, trainers: dict, examples,
             with accelerator.accumulate(*train_modules):
                 latents = cache.latents(batch)
                 text = cache.text(batch["captions"], encoder=wrapped.get("text_encoder"))
-                loss = denoising_loss(wrapped["unet"], base.noise_scheduler, latents, text, batch["num_class"], args.prior_loss_weight)
+                if base.flow is not None:
+                    loss = base.flow.loss(wrapped[base.component], latents, text, batch["num_class"], args.prior_loss_weight)
+                else:
+                    loss = denoising_loss(wrapped["unet"], base.noise_scheduler, latents, text, batch["num_class"], args.prior_loss_weight)
                 if not torch.isfinite(loss):
                     fail(f"the loss became {loss.item()} at step {global_step}: stopping; {args.share_path} was not touched. "
                          "Lower --learning_rate or use fp32.")
@@ -512,8 +550,8 @@ def checkpoint_only_the_concept(accelerator, trainers: dict, share_path) -> None
 class Cache:
     """Latents and text embeddings computed once when nothing trainable or random feeds them."""
 
-    def __init__(self, vae, tokenizer, text_encoder, dataset, args, device, dtype):
-        self.vae, self.tokenizer, self.text_encoder, self.dtype = vae, tokenizer, text_encoder, dtype
+    def __init__(self, vae, tokenizer, text_encoder, dataset, args, device, dtype, flow: FlowMatching | None = None):
+        self.vae, self.tokenizer, self.text_encoder, self.dtype, self.flow = vae, tokenizer, text_encoder, dtype, flow
         self.scaling = vae.config.scaling_factor
         self.dists = {}
         if dataset.deterministic_crops():
@@ -534,9 +572,13 @@ class Cache:
         else:
             with torch.no_grad():
                 sample = latent_dist(self.vae, batch["pixel_values"]).sample()
+        if self.flow is not None:
+            return self.flow.latents(sample).to(self.dtype)
         return (sample * self.scaling).to(self.dtype)
 
     def text(self, captions: list[str], encoder=None) -> torch.Tensor:
+        if self.flow is not None:
+            return self.flow_text(captions)
         if not self.cache_text:
             return encode_text(self.tokenizer, encoder, captions)
         missing = [c for c in dict.fromkeys(captions) if c not in self.texts]
@@ -545,6 +587,17 @@ class Cache:
                 for c, e in zip(missing, encode_text(self.tokenizer, self.text_encoder, missing)):
                     self.texts[c] = e
         return torch.stack([self.texts[c] for c in captions])
+
+    def flow_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(prompt_embeds, pooled)`` through the pipeline's encoders (a trained CLIP encoder is the pipeline's own)."""
+        if not self.cache_text:
+            return self.flow.encode(captions)
+        missing = [c for c in dict.fromkeys(captions) if c not in self.texts]
+        if missing:
+            with torch.no_grad():
+                for c, embeds, pooled in zip(missing, *self.flow.encode(missing)):
+                    self.texts[c] = (embeds, pooled)
+        return tuple(torch.stack(parts) for parts in zip(*(self.texts[c] for c in captions)))
 
 
 def find_checkpoint(output_dir: Path, which: str) -> Path | None:
@@ -746,8 +799,11 @@ def generate_validation(pipe, args, heldout, count=None):
     count = count or args.num_validation_images
     prompt = args.validation_prompt or (heldout[0].caption if heldout else args.instance_prompt)
     gens = [torch.Generator().manual_seed(args.seed + i) for i in range(count)]
+    kw = {}
+    if getattr(pipe, "transformer", None) is not None:  # their defaults are 1024 px and 512 T5 tokens, whatever was trained
+        kw = {"height": args.resolution, "width": args.resolution, "max_sequence_length": args.max_sequence_length}
     with torch.no_grad():
-        return pipe([prompt] * count, generator=gens, num_inference_steps=25).images
+        return pipe([prompt] * count, generator=gens, num_inference_steps=25, **kw).images
 
 
 def generate_from_images(pipe, args, heldout, images) -> list:
