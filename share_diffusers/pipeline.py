@@ -311,6 +311,9 @@ def load_share(
     elif isinstance(source, (bytes, bytearray, memoryview)):
         path = "<in-memory Share file>"
         state, _ = read_share_bytes(source, path)
+    elif isinstance(source, dict):
+        raise TypeError("load_share got a dict: a Share file's tensors alone lack its header (concept names, layout); pass the "
+                        "file's bytes, its path or Hub id, or a ShareState (share_diffusers.read_share).")
     else:
         path = resolve_file(source, weight_name, DEFAULT_WEIGHT_NAME, "Share file", **hub_kwargs)
         state, _ = read_share(path)

@@ -307,6 +307,10 @@ def test_load_share_from_a_hub_repo_offline_its_bytes_and_revisions(tmp_path, of
         pipe.load_share("owner/concepts", weight_name="nope.safetensors")
     with pytest.raises(share_diffusers.ShareFileError, match="<in-memory Share file>: not a readable"):
         pipe.load_share(b"\x00" * 16)
+    from safetensors.torch import load_file
+
+    with pytest.raises(TypeError, match="tensors alone lack its header.*bytes"):
+        pipe.load_share(load_file(tmp_path / "a.safetensors"))
     assert pipe.share_concepts == []
 
 
