@@ -150,7 +150,8 @@ class Studio:
                     if file_signature(self.share_path) == signature:
                         break
                     signature = file_signature(self.share_path)
-                share_diffusers.load_share(self.pipe, state)
+                loaded = bool(share_diffusers.get_list_share_adapters(self.pipe))
+                share_diffusers.load_share(self.pipe, state, adapter_name="default_0", hotswap=loaded)  # replaces the file
             except (ShareFileError, FileNotFoundError, OSError) as e:
                 if strict:
                     raise UserError(str(e)) from e

@@ -131,6 +131,7 @@ def run_share(args, concepts, lr, out: Path, evaluate=True) -> dict:
         wall += time.time() - started
         if not evaluate:
             continue
+        pipe.unload_share()
         pipe.load_share(share)
         for j in range(i + 1):
             pipe.set_share_concepts(concepts[j].name)

@@ -2,7 +2,7 @@
 
 Importing the package adds ``load_share``, ``set_share_concepts``, ``fuse_share``,
 ``unfuse_share``, ``unload_share``, ``get_active_share_concepts``, ``disable_share``,
-``enable_share``, ``delete_share_concepts`` and ``share_concepts`` to every ``DiffusionPipeline``
+``enable_share``, ``delete_share_concepts``, ``get_list_share_adapters`` and ``share_concepts`` to every ``DiffusionPipeline``
 (never replacing an attribute Diffusers already has). The same operations are plain functions
 here, and `ShareLoaderMixin` offers them to pipeline subclasses.
 """
@@ -18,6 +18,7 @@ from .pipeline import (
     enable_share,
     fuse_share,
     get_active_share_concepts,
+    get_list_share_adapters,
     install,
     load_share,
     set_share_concepts,
@@ -44,6 +45,7 @@ __all__ = [
     "enable_share",
     "fuse_share",
     "get_active_share_concepts",
+    "get_list_share_adapters",
     "install",
     "load_share",
     "loras_to_share",

@@ -12,11 +12,12 @@ from .subspace import ShareState
 CARD_MARKER = "<!-- share-diffusers model card -->"
 
 
-def write_model_card(share_path: str | os.PathLike, state: ShareState, config: dict | None = None) -> Path:
+def write_model_card(share_path: str | os.PathLike, state: ShareState, config: dict | None = None, load_from: str | None = None) -> Path:
     """Write the model card (``README.md``) beside a Share file: its concepts, triggers and history.
 
     A ``README.md`` that share-diffusers did not write is never replaced; the card then goes to
-    ``<name>.README.md``.
+    ``<name>.README.md``. ``load_from`` is what the card's example gives ``load_share`` (default: the
+    file's name; a Hub repo id for a pushed card).
     """
     share_path, config = Path(share_path), config or {}
     base = portable_path(config["base_model"]) if config.get("base_model") else None  # files written before it was made portable
@@ -42,7 +43,7 @@ import share_diffusers  # adds pipe.load_share & co. to every DiffusionPipeline
 from diffusers import StableDiffusionPipeline
 
 pipe = StableDiffusionPipeline.from_pretrained("{base or 'path/to/base'}")
-pipe.load_share("{share_path.name}")
+pipe.load_share("{load_from or share_path.name}")
 pipe.set_share_concepts("{example}")  # or {{"a": 0.5, "b": 0.5}}, or a list with one per prompt
 ```
 """

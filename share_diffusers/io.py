@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -83,7 +84,7 @@ from .subspace import LayerShare, ShareState
 
 __all__ = [  # the file's API in one place (errors and format constants live in fileformat / locking)
     "ABSENT", "DEFAULT_WEIGHT_NAME", "FORMAT_VERSION", "LOCK_TIMEOUT", "METADATA_KEY", "LockedShareFile", "ShareFileChangedError",
-    "ShareFileError", "ShareFileLockedError", "atomic_write", "file_token", "fingerprint", "locked", "read_share",
+    "ShareFileError", "ShareFileLockedError", "atomic_write", "file_token", "fingerprint", "locked", "read_share", "read_share_bytes",
     "resolve_path", "save_share",
 ]
 
@@ -120,8 +121,18 @@ def read_share(path: str | os.PathLike, weight_name: str | None = None) -> tuple
         raise ShareFileError(f"{path} is not a readable safetensors file: {e}") from e
 
 
+def read_share_bytes(data: bytes, source: str = "<in-memory Share file>") -> tuple[ShareState, dict]:
+    """`read_share` of a Share file's bytes (e.g. an upload, or a blob store's object), with the same checks."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"Expected the bytes of a Share file, got {type(data).__name__}.")
+    try:
+        return _read(io.BytesIO(data))
+    except _Invalid as e:
+        raise ShareFileError(f"{source}: {e}") from None
+
+
 def _read(f) -> tuple[ShareState, dict]:
-    size = os.fstat(f.fileno()).st_size
+    size = f.getbuffer().nbytes if isinstance(f, io.BytesIO) else os.fstat(f.fileno()).st_size
     length = f.read(8)
     n = int.from_bytes(length, "little") if len(length) == 8 else -1
     if not 0 < n <= min(size - 8, MAX_HEADER_BYTES):

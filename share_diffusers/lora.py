@@ -3,10 +3,15 @@
 Reading accepts the key styles people have: Diffusers (``unet.….lora.down.weight``, old
 ``….processor.to_q_lora.down.weight``, text-encoder ``lora_linear_layer``), PEFT (``lora_A`` /
 ``lora_B``, with or without ``base_model.model.``, a PEFT adapter folder with its
-``adapter_config.json``) and kohya (``lora_unet_…``, ``lora_te_…`` with ``.alpha``). Scaling
+``adapter_config.json``) and kohya (``lora_unet_…``, ``lora_te_…`` with ``.alpha``); for Flux also the
+original layouts (kohya/ComfyUI ``…double_blocks_0_img_attn_qkv…``, XLabs ``…processor.qkv_lora1…``),
+which `FluxLoraLoaderMixin.lora_state_dict` renames and splits (fused qkv → ``to_q/k/v``) exactly as
+``load_lora_weights`` does. Scaling
 (``alpha / r``, rsLoRA ``alpha / √r``, alpha and rank patterns) is folded into the factors, so
 each LoRA becomes plain ``{layer: (B n×r, A d×r)}`` with ``ΔW = B Aᵀ``. Diffusers' own key
-converters do the renaming.
+converters do the renaming. A LoRA is a file, a folder, a state dict or a Hub repo id. Layers Share
+does not adapt are measured, never silently dropped; DoRA and LyCORIS formats are refused by name.
+Writing gives Diffusers' layout or kohya's (A1111, ComfyUI).
 """
 
 from __future__ import annotations
@@ -16,21 +21,27 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from diffusers.loaders import FluxLoraLoaderMixin
 from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
 from diffusers.utils.state_dict_utils import StateDictType, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ShareConfig
+from .hub import is_repo_id, resolve_file
 from .io import ShareFileError, atomic_write, read_share, save_share
 from .subspace import ShareState, balance
 from .targets import COMPONENTS, PROJECTIONS, kind, split_layer
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # Diffusers' file name (LORA_WEIGHT_NAME_SAFE)
+PEFT_WEIGHT_NAME, PEFT_CONFIG_NAME = "adapter_model.safetensors", "adapter_config.json"  # a PEFT adapter folder
 _SUFFIX = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.[^.]+)?\.weight$")
+_FLUX_ORIGINAL = re.compile(r"(^|[._])(double|single)_blocks[._]|^lora_transformer_")  # BFL's block names (kohya, ComfyUI, XLabs)
 
 
 def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
@@ -79,10 +90,69 @@ def _scale_rule(metadata: dict, config: dict):
     return scale
 
 
-def read_lora(path: str | os.PathLike) -> Factors:
-    """A LoRA file (or folder) as ``{layer: (B n×r, A d×r)}`` in Share's layer naming, scale folded in."""
-    sd, metadata, config = _load(Path(path))
-    if all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in sd):
+def _source(lora, weight_name: str | None = None, **hub_kwargs) -> tuple[dict[str, torch.Tensor], dict, dict, str]:
+    """Tensors, metadata, adapter config and a printable name of a LoRA: a state dict, a file or
+    PEFT folder, or a Hub repo id (its ``weight_name``, default ``pytorch_lora_weights.safetensors``)."""
+    if isinstance(lora, Mapping):
+        bad = [k for k, v in lora.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+        if bad:
+            raise TypeError(f"A LoRA state dict maps key names to tensors; got {bad[0]!r}: {type(lora[bad[0]]).__name__}.")
+        return dict(lora), {}, {}, "<LoRA state dict>"
+    if isinstance(lora, (str, os.PathLike)) and not Path(lora).exists() and is_repo_id(lora):
+        try:
+            lora = resolve_file(lora, weight_name, LORA_WEIGHT_NAME, "LoRA file", **hub_kwargs)
+        except FileNotFoundError:
+            if weight_name is not None:
+                raise
+            try:  # a PEFT adapter repo: adapter_model.safetensors beside its adapter_config.json (one snapshot folder)
+                resolve_file(lora, PEFT_CONFIG_NAME, PEFT_CONFIG_NAME, "LoRA file", **hub_kwargs)
+                lora = resolve_file(lora, PEFT_WEIGHT_NAME, PEFT_WEIGHT_NAME, "LoRA file", **hub_kwargs).parent
+            except FileNotFoundError:
+                raise FileNotFoundError(f"The Hub repo {lora} has neither {LORA_WEIGHT_NAME} nor a PEFT adapter ({PEFT_WEIGHT_NAME} "
+                                        "with adapter_config.json) that can be loaded; name the file with weight_name=.") from None
+    elif isinstance(lora, (str, os.PathLike)) and weight_name and Path(lora).is_dir():
+        lora = Path(lora) / (hub_kwargs.get("subfolder") or "") / weight_name
+    elif not isinstance(lora, (str, os.PathLike)):
+        raise TypeError(f"Expected a LoRA file, folder, Hub repo id or state dict, got {type(lora).__name__}.")
+    return *_load(Path(lora)), str(lora)
+
+
+# formats Share cannot hold as U B Aᵀ Vᵀ: (key fragment, name); checked before any key renaming
+_OTHER_FORMATS = (
+    ("lora_magnitude_vector", "DoRA (weight-decomposed LoRA: its magnitude vectors rescale W0 + ΔW, which is not a low-rank delta)"),
+    ("dora_scale", "DoRA (kohya/LyCORIS dora_scale: magnitudes that rescale W0 + ΔW, not a low-rank delta)"),
+    ("hada_w1_", "LoHa (LyCORIS Hadamard-product adapter)"),
+    ("lokr_w1", "LoKr (LyCORIS Kronecker-product adapter)"),
+    ("oft_", "OFT/BOFT (orthogonal fine-tuning)"),
+    ("lora_mid", "LyCORIS LoCon with a Tucker core (lora_mid)"),
+    (".diff", "LyCORIS full/diff weights"),
+    (".a1.weight", "GLoRA (LyCORIS)"),
+)
+
+
+def _check_format(sd: dict, path) -> None:
+    """Refuse adapter formats that are not plain LoRA, naming the format (not a key-renaming error)."""
+    for fragment, name in _OTHER_FORMATS:
+        key = next((k for k in sd if fragment in k), None)
+        if key is not None:
+            raise ShareFileError(f"{path} is a {name}, not a plain LoRA (e.g. key {key!r}); Share imports LoRA only: "
+                                 "merge it into the base model or convert it to a LoRA first.")
+
+
+def read_lora_parts(path, weight_name: str | None = None, **hub_kwargs) -> tuple[Factors, dict[str, float]]:
+    """A LoRA's layers that Share adapts, as factors, and the squared norm ``‖ΔW‖_F²`` of every layer it
+    would drop (LoRA layers outside Share's targets: ``proj_in``/``proj_out``, feed-forward, text-encoder
+    MLPs, convolutions), so that an import can count them in its error. Tensors that are not LoRA
+    factors at all raise, naming them: nothing is ever dropped unmeasured."""
+    sd, metadata, config, path = _source(path, weight_name, **hub_kwargs)
+    _check_format(sd, path)
+    if any(_FLUX_ORIGINAL.search(k) for k in sd):
+        sd = FluxLoraLoaderMixin.lora_state_dict(sd)  # to transformer.…lora_A/B, alphas folded
+        unconverted = [k for k in sd if k.partition(".")[0] not in COMPONENTS]
+        if unconverted:
+            raise ShareFileError(f"{path}: a Flux LoRA layout that Diffusers' FluxLoraLoaderMixin does not convert (so "
+                                 f"load_lora_weights cannot load it either), e.g. {unconverted[:2]}.")
+    elif all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in sd):
         sd, _ = _convert_non_diffusers_lora_to_diffusers(_fold_kohya_alphas(sd))
     scale = _scale_rule(metadata, config)
     by_component: dict[str, dict[str, torch.Tensor]] = {}
@@ -90,11 +160,14 @@ def read_lora(path: str | os.PathLike) -> Factors:
         key = key.removeprefix("base_model.model.")
         component, _, rest = key.partition(".")
         if component not in COMPONENTS:  # un-prefixed PEFT state dict: guess from the path
-            component, rest = ("unet" if re.match(r"(down_blocks|mid_block|up_blocks)\.", key) else "text_encoder"), key
+            component = "unet" if re.match(r"(down_blocks|mid_block|up_blocks)\.", key) else "text_encoder"
+            component = "transformer" if re.match(r"(single_)?transformer_blocks\.", key) else component
+            rest = key
         by_component.setdefault(component, {})[rest] = value
 
     factors: Factors = {}
-    skipped = []
+    dropped: dict[str, float] = {}
+    unknown = []
     for component, part in by_component.items():
         if component == "unet":
             part = convert_unet_state_dict_to_peft(part)
@@ -106,51 +179,95 @@ def read_lora(path: str | os.PathLike) -> Factors:
         for key, value in part.items():
             m = _SUFFIX.match(key)
             if m is None:
-                skipped.append(f"{component}.{key}")
+                unknown.append(f"{component}.{key}")
                 continue
             module = m["module"].removeprefix("text_model.")
             pairs.setdefault(module, {})[m["side"]] = value.float()
         targets = PROJECTIONS[kind(component)]
         for module, pair in pairs.items():
-            if not module.endswith(tuple("." + t for t in targets)) or set(pair) != {"A", "B"}:
-                skipped.append(f"{component}.{module}")
+            if set(pair) != {"A", "B"}:
+                unknown.append(f"{component}.{module} (lora_{'A' if 'A' in pair else 'B'} without its pair)")
                 continue
-            up, down = pair["B"], pair["A"]  # up: n×r, down: r×d
-            if up.ndim != 2 or down.ndim != 2 or up.shape[1] != down.shape[0]:
+            up, down = pair["B"], pair["A"]  # up: n×r(×1×1), down: r×d(×kh×kw)
+            r = down.shape[0]
+            if up.ndim < 2 or up.shape[1] != r or up.numel() != up.shape[0] * r:
                 raise ShareFileError(f"{path}: {component}.{module} has LoRA shapes {tuple(up.shape)} / {tuple(down.shape)}.")
-            factors[f"{component}.{module}"] = (up * scale(component, module, up.shape[1]), down.mT.contiguous())
+            up = up.reshape(up.shape[0], r) * scale(component, module, r)
+            down = down.reshape(r, -1)
+            if not module.endswith(tuple("." + t for t in targets)) or pair["A"].ndim != 2:
+                dropped[f"{component}.{module}"] = _norm2(up, down.mT)
+                continue
+            factors[f"{component}.{module}"] = (up, down.mT.contiguous())
+    if unknown:
+        raise ShareFileError(f"{path}: {len(unknown)} tensors are not LoRA factors Share can read, e.g. {unknown[:3]}.")
     if not factors:
-        found = f" (it has {', '.join(skipped[:3])}…)" if skipped else ""
+        found = f" (it has {', '.join(list(dropped)[:3])}…)" if dropped else ""
         raise ShareFileError(f"{path}: no LoRA layers on attention projections were found{found}.")
-    if skipped:
-        warnings.warn(
-            f"{path}: {len(skipped)} LoRA tensors/layers outside Share's targets (attention projections) "
-            f"were not folded in, e.g. {skipped[:3]}.",
-            stacklevel=2,
-        )
+    return factors, dropped
+
+
+def _norm2(B: torch.Tensor, A: torch.Tensor) -> float:
+    """``‖B Aᵀ‖_F²`` without forming it: ``tr(BᵀB AᵀA)``."""
+    B, A = B.double(), A.double()
+    return float(((B.mT @ B) * (A.mT @ A)).sum())
+
+
+def read_lora(path, weight_name: str | None = None, **hub_kwargs) -> Factors:
+    """A LoRA (file, PEFT folder, Hub repo id or state dict) as ``{layer: (B n×r, A d×r)}`` in Share's
+    layer naming, scale folded in; layers outside Share's targets are left out with a warning that
+    says how much of the LoRA they hold (`loras_to_share` refuses them unless allowed)."""
+    factors, dropped = read_lora_parts(path, weight_name, **hub_kwargs)
+    if dropped:
+        warnings.warn(f"{_describe(path, factors, dropped)} were not read.", stacklevel=2)
     return factors
 
 
+def _describe(path, factors: Factors, dropped: dict[str, float]) -> str:
+    kept = sum(_norm2(B, A) for B, A in factors.values())
+    share = sum(dropped.values()) / max(kept + sum(dropped.values()), 1e-300)
+    source = "<LoRA state dict>" if isinstance(path, Mapping) else path
+    return (f"{source}: {len(dropped)} LoRA layers outside Share's targets (attention projections), e.g. {list(dropped)[:3]}, "
+            f"holding {share:.1%} of its ‖ΔW‖²,")
+
+
 def loras_to_share(
-    lora_files: list[str | os.PathLike],
+    lora_files: list,
     output_path: str | os.PathLike,
     names: list[str] | None = None,
     shapes: dict[str, tuple[int, int]] | None = None,
     basis_rank: int = 64,
     energy: float | None = None,
     triggers: list[str | None] | None = None,
+    weight_name: str | None = None,
+    allow_dropped: bool = False,
+    **hub_kwargs,
 ) -> dict[str, dict]:
-    """Fold LoRA files into one Share file, one concept per LoRA; no training data needed.
+    """Fold LoRAs (files, PEFT folders, Hub repo ids with ``weight_name=``/``revision=``/…, or state
+    dicts) into one Share file, one concept per LoRA; no training data needed.
 
     The basis is the top-``basis_rank`` subspace of all LoRAs' deltas (see `LayerShare.merge`),
     every LoRA is projected on it, and the returned report gives each LoRA's relative
     reconstruction error ``‖ΔW − ΔŴ‖_F / ‖ΔW‖_F`` (overall and per layer). ``shapes`` lists the
     base model's adapted layers (``{layer: (n, d)}``); by default, the layers the LoRAs touch.
+
+    LoRA layers outside Share's targets (``proj_in``/``proj_out``, feed-forward, text-encoder MLPs,
+    convolutions) cannot be held: they are refused, naming them, unless ``allow_dropped=True``; then
+    the report counts them in full (relative error 1 per dropped layer, its ``‖ΔW‖²`` in the overall
+    error, which is also what the file's merge-error history records) and lists them under ``"dropped"``.
+    DoRA and LyCORIS (LoHa, LoKr, …) files are refused, naming the format.
     """
+    if names is None and any(isinstance(f, Mapping) for f in lora_files):
+        raise ValueError("LoRA state dicts have no file name: pass names=, one concept name per LoRA.")
     names = names or [Path(f).stem for f in lora_files]
     if len(names) != len(lora_files) or len(set(names)) != len(names):
         raise ValueError("Need one unique concept name per LoRA file.")
-    loras = {name: read_lora(f) for name, f in zip(names, lora_files)}
+    loras, dropped = {}, {}
+    for name, f in zip(names, lora_files):
+        loras[name], dropped[name] = read_lora_parts(f, weight_name, **hub_kwargs)
+        if dropped[name] and not allow_dropped:
+            raise ShareFileError(f"{_describe(f, loras[name], dropped[name])} which Share would drop; pass allow_dropped=True "
+                                 "(compress_loras.py --allow_dropped) to fold in the rest, with the dropped part counted in the "
+                                 "reported error.")
     if shapes is None:
         shapes = {}
         for factors in loras.values():
@@ -162,8 +279,19 @@ def loras_to_share(
         for layer, (B, A) in factors.items():
             if layer not in shapes or shapes[layer] != (B.shape[0], A.shape[0]):
                 raise ShareFileError(f"LoRA {name!r}: layer {layer} {(B.shape[0], A.shape[0])} does not fit the base model.")
-    meta = {name: {"trigger": t, "source": str(f)} for name, f, t in zip(names, lora_files, triggers or [None] * len(names))}
+    sources = ["<LoRA state dict>" if isinstance(f, Mapping) else str(f) for f in lora_files]
+    meta = {name: {"trigger": t, "source": s} for name, s, t in zip(names, sources, triggers or [None] * len(names))}
     state, report = ShareState.empty(shapes).merge(loras, meta=meta, k_max=basis_rank, energy=energy)
+    for concept in state.concepts:
+        name = concept["name"]
+        if dropped[name]:  # the dropped layers count in full: relative error 1 each
+            kept = {layer: _norm2(B, A) for layer, (B, A) in loras[name].items()}
+            err2 = sum(report[name]["layers"][layer] ** 2 * n2 for layer, n2 in kept.items()) + sum(dropped[name].values())
+            overall = math.sqrt(err2 / (sum(kept.values()) + sum(dropped[name].values())))
+            report[name].update(overall=overall, dropped=sorted(dropped[name]))
+            report[name]["layers"].update(dict.fromkeys(dropped[name], 1.0))
+            concept["merge_errors"][-1] = round(overall, 8)
+            concept["dropped_layers"] = len(dropped[name])
     save_share(state, output_path, config=ShareConfig(basis_rank=basis_rank, basis_energy=energy).to_dict())
     return report
 
@@ -186,28 +314,58 @@ def lora_factors(state: ShareState, selection: str | dict[str, float]) -> Factor
     return factors
 
 
-def write_lora(factors: Factors, output_path: str | os.PathLike) -> Path:
-    """Write ``{layer: (B n×r, A d×r)}`` as a standard Diffusers LoRA file (scale 1), atomically.
+LORA_FORMATS = ("diffusers", "kohya")
 
-    Keys are PEFT-style (``unet.<module>.lora_A.weight``); text-encoder modules go under
-    ``text_model.`` (Diffusers drops that level for text encoders that do not have it), so
-    ``pipe.load_lora_weights(output_path)`` reproduces the delta exactly.
+
+def write_lora(factors: Factors, output_path: str | os.PathLike, format: str = "diffusers", name: str | None = None) -> Path:
+    """Write ``{layer: (B n×r, A d×r)}`` as a LoRA file (scale 1), atomically.
+
+    ``format="diffusers"``: PEFT-style keys (``unet.<module>.lora_A.weight``); text-encoder modules go
+    under ``text_model.`` (Diffusers drops that level for text encoders that do not have it), so
+    ``pipe.load_lora_weights(output_path)`` reproduces the delta exactly. ``format="kohya"``: the keys
+    A1111, ComfyUI and kohya's scripts use (``lora_unet_<module>.lora_down.weight`` / ``lora_up.weight`` /
+    ``alpha``, ``lora_te_`` or, with two text encoders, ``lora_te1_``/``lora_te2_``), alpha = rank per
+    layer, and kohya's ``ss_*`` metadata; Diffusers' ``load_lora_weights`` reads it through its kohya converter.
     """
+    if format not in LORA_FORMATS:
+        raise ValueError(f"format must be one of {', '.join(LORA_FORMATS)}; got {format!r}.")
+    if format == "kohya" and any(split_layer(layer)[0] == "transformer" for layer in factors):
+        raise ValueError("format='kohya' writes UNet pipelines' LoRAs (SD 1.x/2.x, SDXL); export SD3/Flux concepts with "
+                         "format='diffusers', which their load_lora_weights reads.")
     tensors = {}
+    two_encoders = any(split_layer(layer)[0] == "text_encoder_2" for layer in factors)
+    kohya_prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if two_encoders else "lora_te_", "text_encoder_2": "lora_te2_"}
     for layer, (B, A) in factors.items():
         component, module = split_layer(layer)
         if kind(component) == "text":
             module = "text_model." + module
-        tensors[f"{component}.{module}.lora_A.weight"] = A.mT.contiguous()
-        tensors[f"{component}.{module}.lora_B.weight"] = B.contiguous()
+        if format == "kohya":
+            key = kohya_prefix[component] + module.replace(".", "_")
+            tensors[f"{key}.lora_down.weight"] = A.mT.contiguous()
+            tensors[f"{key}.lora_up.weight"] = B.contiguous()
+            tensors[f"{key}.alpha"] = torch.tensor(float(B.shape[1]))  # alpha = rank: scale 1
+        else:
+            tensors[f"{component}.{module}.lora_A.weight"] = A.mT.contiguous()
+            tensors[f"{component}.{module}.lora_B.weight"] = B.contiguous()
+    metadata = {"format": "pt"}
+    if format == "kohya":
+        ranks = sorted({B.shape[1] for B, _ in factors.values()})
+        metadata |= {"ss_network_module": "networks.lora", "ss_network_dim": str(ranks[-1]), "ss_network_alpha": str(ranks[-1]),
+                     "ss_base_model_version": "sdxl_base_v1-0" if two_encoders else "sd_v1"}
+    if name:
+        metadata["share_diffusers_concept"] = name
     output_path = Path(output_path)
-    atomic_write(output_path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(output_path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return output_path
 
 
 def share_to_lora(
-    share_path: str | os.PathLike, concept: str | dict[str, float], output_path: str | os.PathLike
+    share_path: str | os.PathLike, concept: str | dict[str, float], output_path: str | os.PathLike, format: str = "diffusers"
 ) -> Path:
-    """Write one concept (or a ``{name: weight}`` mix) of a Share file as a standard Diffusers LoRA file."""
+    """Write one concept (or a ``{name: weight}`` mix) of a Share file as a LoRA file: Diffusers' layout
+    (``format="diffusers"``) or kohya's, as A1111 and ComfyUI load it (``format="kohya"``)."""
+    if format not in LORA_FORMATS:
+        raise ValueError(f"format must be one of {', '.join(LORA_FORMATS)}; got {format!r}.")
     state, _ = read_share(share_path)
-    return write_lora(lora_factors(state, concept), output_path)
+    label = concept if isinstance(concept, str) else json.dumps(concept)
+    return write_lora(lora_factors(state, concept), output_path, format=format, name=label)

@@ -6,12 +6,14 @@ for pipeline subclasses, and, once ``share_diffusers`` is imported, as methods o
 
 A *selection* is a concept name, a ``{name: weight}`` mix, ``None`` (the base model), or a list
 with one of those per prompt. It is set for the pipeline with ``set_share_concepts`` or for one
-call with ``cross_attention_kwargs={"share": selection}`` (the UNet part; text encoders follow
+call with ``cross_attention_kwargs={"share": selection}`` (``joint_attention_kwargs`` on SD3 and Flux:
+the UNet's or transformer's part; text encoders follow
 the pipeline's selection, since Diffusers does not pass those kwargs to them).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import warnings
@@ -20,11 +22,12 @@ from dataclasses import dataclass
 import torch
 from diffusers import DiffusionPipeline
 
-from .io import read_share, resolve_path
+from .hub import resolve_file
+from .io import DEFAULT_WEIGHT_NAME, read_share, read_share_bytes
 from .processor import ShareAdapter, attach, bypassed, detach
 from .selection import check_compatible, check_selection, public_selection, resolve_selection  # noqa: F401  (re-exported: app, train)
-from .subspace import ShareState
-from .targets import COMPONENTS, pipeline_shapes, split_layer, unwrap
+from .subspace import LayerShare, ShareState
+from .targets import COMPONENTS, DENOISERS, pipeline_shapes, split_layer, unwrap
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class ShareConcept:
     name: str
     trigger: str | None
     prompt: str | None = None
+    adapter: str | None = None  # the adapter_name of the Share file it comes from
 
 
 class ShareRuntime:
@@ -49,6 +53,7 @@ class ShareRuntime:
 
     def __init__(self, models: dict[str, torch.nn.Module], state: ShareState):
         self.state = state
+        self.files: dict[str, ShareState] = {"default_0": state}  # by adapter_name (`load_share` sets it)
         self.models: dict[str, torch.nn.Module] = {}
         self.handles, self.hooked = [], []
         self.weights, self.prompt_group, self.selection = None, None, None
@@ -68,10 +73,11 @@ class ShareRuntime:
                 attach(model, component, modules, adapter)
                 self.models[component] = model
             for component, model in models.items():  # every text encoder tells who calls, even unadapted
-                if component == "unet" and component in self.models:
-                    self.handles.append(model.register_forward_pre_hook(self._unet_pre, with_kwargs=True))
+                if component in DENOISERS and component in self.models:
+                    pre = functools.partial(self._unet_pre, key=DENOISERS[component])
+                    self.handles.append(model.register_forward_pre_hook(pre, with_kwargs=True))
                     self.handles.append(model.register_forward_hook(self._unet_post, with_kwargs=True, always_call=True))
-                elif component != "unet":
+                elif component not in DENOISERS:
                     self.handles.append(model.register_forward_pre_hook(self._text_pre, with_kwargs=True))
                     if component in self.models:
                         self.handles.append(model.register_forward_hook(self._text_post, always_call=True))
@@ -107,7 +113,10 @@ class ShareRuntime:
             adapter.paused = paused
 
     def _check_attention(self, force: bool = False) -> None:
-        unet = self.models.get("unet")
+        for component in DENOISERS:
+            self._check_denoiser(self.models.get(component), force)
+
+    def _check_denoiser(self, unet, force: bool) -> None:
         if unet is None or not (force or unet.share_adapter.enabled):
             return
         problem = bypassed(unet)
@@ -146,21 +155,22 @@ class ShareRuntime:
             frame = frame.f_back
         return None
 
-    def _unet_pre(self, unet, args, kwargs):
+    def _unet_pre(self, unet, args, kwargs, key="cross_attention_kwargs"):
+        """The UNet's or transformer's pre-hook; ``key`` names its attention kwargs (``joint_attention_kwargs``)."""
         adapter = unet.share_adapter
-        cak = kwargs.get("cross_attention_kwargs")
+        cak = kwargs.get(key)
         prompt_group = self.prompt_group
         if cak and "share" in cak:
             if adapter.fused:
                 raise RuntimeError("Share is fused into the weights; unfuse_share() before selecting per call.")
-            kwargs = dict(kwargs, cross_attention_kwargs={k: v for k, v in cak.items() if k != "share"} or None)
+            kwargs = dict(kwargs, **{key: {k: v for k, v in cak.items() if k != "share"} or None})
             weights, prompt_group = resolve_selection(self.state, cak["share"])
             adapter.select(weights)
             self._call_selection = True
             if "text_encoder" in self.models and not self._warned_text:
                 self._warned_text = True
                 warnings.warn(
-                    "cross_attention_kwargs['share'] selects concepts in the UNet; the text encoders use the "
+                    f"{key}['share'] selects concepts in the {'UNet' if key == DENOISERS['unet'] else 'transformer'}; the text encoders use the "
                     "selection of set_share_concepts().",
                     stacklevel=2,
                 )
@@ -171,8 +181,9 @@ class ShareRuntime:
             return args, kwargs
         if not torch.compiler.is_compiling():  # traced, the hook must not touch the pipeline
             self._note_caller(unet)
-        sample = args[0] if args else kwargs["sample"]
-        adapter.index = self._index(prompt_group, sample.shape[0], self.cfg, sample.device)
+        sample = args[0] if args else kwargs["sample" if "sample" in kwargs else "hidden_states"]
+        cfg = 1 if kwargs.get("skip_layers") is not None else self.cfg  # SD3's skip-layer guidance: the conditional half only
+        adapter.index = self._index(prompt_group, sample.shape[0], cfg, sample.device)
         return args, kwargs
 
     def _unet_post(self, unet, args, kwargs, output):
@@ -193,7 +204,8 @@ class ShareRuntime:
             )
         if adapter is not None:
             adapter.scale(None)  # a call that raised leaves no scale behind
-            adapter.scale((getattr(caller, "cross_attention_kwargs", None) or {}).get("scale"))
+            call_kwargs = getattr(caller, "cross_attention_kwargs", None) or getattr(caller, "joint_attention_kwargs", None)
+            adapter.scale((call_kwargs or {}).get("scale"))
             adapter.index = self._index(self.prompt_group, ids.shape[0], 1, ids.device) if adapter.enabled else None
 
     def _text_post(self, model, args, output):
@@ -275,24 +287,111 @@ def _runtime(pipe) -> ShareRuntime:
 
 
 def load_share(
-    pipe, pretrained_model_name_or_path_or_state: str | os.PathLike | ShareState, weight_name: str | None = None
+    pipe,
+    pretrained_model_name_or_path_or_state: str | os.PathLike | ShareState | bytes,
+    weight_name: str | None = None,
+    adapter_name: str | None = None,
+    hotswap: bool = False,
+    **hub_kwargs,
 ) -> None:
-    """Load a Share file (a path, or a folder holding ``share.safetensors``) or a `ShareState` into the pipeline.
+    """Load a Share file into the pipeline, as ``load_lora_weights`` loads a LoRA.
 
-    Every concept becomes available at once; none is selected (the pipeline still gives the
-    base model's images until `set_share_concepts`). A Share file already loaded is replaced.
-    The file is validated against the pipeline first: on any error nothing is changed.
+    The source is a file, a folder holding ``weight_name`` (default ``share.safetensors``), a Hub
+    repo id (``subfolder=``, ``revision=``, ``cache_dir=``, ``local_files_only=``, ``token=``, as
+    `hub.resolve_file` resolves it; ``HF_HUB_OFFLINE`` is honoured), the file's bytes, or a `ShareState`.
+    Every concept becomes available at once; none is selected. Several files can be loaded, each
+    under its ``adapter_name`` (default ``default_0``, ``default_1``, …), their concepts side by side
+    (concept names must differ across files); a name already loaded raises unless ``hotswap=True``,
+    which replaces that file. The file is validated against the pipeline first: on any error nothing
+    is changed.
     """
-    if isinstance(pretrained_model_name_or_path_or_state, ShareState):
-        state, path = pretrained_model_name_or_path_or_state, "<in-memory ShareState>"
+    source = pretrained_model_name_or_path_or_state
+    if isinstance(source, ShareState):
+        state, path = source, "<in-memory ShareState>"
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        path = "<in-memory Share file>"
+        state, _ = read_share_bytes(source, path)
+    elif isinstance(source, dict):
+        raise TypeError("load_share got a dict: a Share file's tensors alone lack its header (concept names, layout); pass the "
+                        "file's bytes, its path or Hub id, or a ShareState (share_diffusers.read_share).")
     else:
-        path = resolve_path(pretrained_model_name_or_path_or_state, weight_name)
+        path = resolve_file(source, weight_name, DEFAULT_WEIGHT_NAME, "Share file", **hub_kwargs)
         state, _ = read_share(path)
     check_compatible(state.shapes, pipeline_shapes(pipe), f"The Share file {path}")
     previous = _find(pipe)
+    files = dict(previous.files) if previous is not None else {}
+    if adapter_name is None and hotswap:
+        raise ValueError("hotswap=True replaces a loaded Share file: name it with adapter_name=.")
+    if adapter_name is None:
+        adapter_name = next(f"default_{i}" for i in range(len(files) + 1) if f"default_{i}" not in files)
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise TypeError(f"adapter_name must be a non-empty string, got {adapter_name!r}.")
+    if hotswap and adapter_name not in files:
+        raise ValueError(f"hotswap=True replaces a loaded Share file, but none is loaded as {adapter_name!r} "
+                         f"(loaded: {', '.join(map(repr, files)) or 'none'}).")
+    if adapter_name in files and not hotswap:
+        raise ValueError(f"A Share file is already loaded as adapter {adapter_name!r}; pass another adapter_name to load "
+                         f"both, hotswap=True to replace it, or unload_share() first.")
+    files[adapter_name] = state
+    _rebuild(pipe, previous, files)
+
+
+def _rebuild(pipe, previous: ShareRuntime | None, files: dict[str, ShareState]) -> None:
+    """Attach the Share files ``files`` (replacing ``previous``), keeping the selection's concepts that remain."""
+    state = combine(files)  # raises on a concept name in two files: nothing changed yet
+    selection, paused = None, False
     if previous is not None:
+        if any(a.fused for a in previous.adapters.values()):
+            raise RuntimeError("Share is fused into the weights; call unfuse_share() before loading or unloading Share files.")
+        selection, paused = previous.selection, any(a.paused for a in previous.adapters.values())
         previous.close()
-    ShareRuntime(_models(pipe), state)
+    if not files:
+        return
+    runtime = ShareRuntime(_models(pipe), state)
+    runtime.files = files
+
+    def prune(mix):
+        return {n: w for n, w in mix.items() if n in state.names} or None if mix else None
+
+    runtime.select([prune(m) for m in selection] if isinstance(selection, list) else prune(selection))
+    runtime.pause(paused)
+
+
+def combine(files: dict[str, ShareState]) -> ShareState:
+    """Several Share files as one state: per layer the files' bases side by side and each file's
+    coefficients in its own block, so every concept's ΔW is exactly the one of its file (the joined
+    bases need not be orthonormal: nothing refits them). One file is returned as it is."""
+    concepts, owner = [], {}
+    for adapter, state in files.items():
+        for c in state.concepts:
+            if c["name"] in owner:
+                raise ValueError(f"The Share files loaded as {owner[c['name']]!r} and {adapter!r} both have a concept "
+                                 f"named {c['name']!r}: concept names select concepts, so they must differ across files.")
+            owner[c["name"]] = adapter
+            concepts.append({**c, "adapter": adapter})
+    if len(files) == 1:
+        (state,) = files.values()
+        return ShareState(state.layers, concepts)
+    shapes = {name: shape for state in files.values() for name, shape in state.shapes.items()}
+    C = len(concepts)
+    layers = {}
+    for name, (n, d) in shapes.items():
+        parts = [state.layers.get(name) for state in files.values()]
+        sizes = [len(state.concepts) for state in files.values()]
+        k = sum(l.k for l in parts if l is not None)
+        p = max([l.B.shape[2] for l in parts if l is not None] + [1])
+        U, V = torch.zeros(n, k), torch.zeros(d, k)
+        B, A = torch.zeros(C, k, p), torch.zeros(C, k, p)
+        c0 = k0 = 0
+        for layer, size in zip(parts, sizes):
+            if layer is not None:
+                k1, pw = k0 + layer.k, layer.B.shape[2]
+                U[:, k0:k1], V[:, k0:k1] = layer.U, layer.V
+                B[c0 : c0 + size, k0:k1, :pw], A[c0 : c0 + size, k0:k1, :pw] = layer.B, layer.A
+                k0 = k1
+            c0 += size
+        layers[name] = LayerShare(U, V, B, A)
+    return ShareState(layers, concepts)
 
 
 def set_share_concepts(pipe, selection) -> None:
@@ -315,11 +414,20 @@ def unfuse_share(pipe, components: list[str] | None = None) -> None:
     _runtime(pipe).unfuse(components)
 
 
-def unload_share(pipe) -> None:
-    """Remove Share from the pipeline; it is the base model again, bit-exactly."""
+def unload_share(pipe, adapter_names: str | list[str] | None = None) -> None:
+    """Remove Share from the pipeline (the base model again, bit-exactly), or only the files loaded
+    as ``adapter_names`` (like ``delete_adapters``; the other files' concepts stay exact)."""
     runtime = _find(pipe)
-    if runtime is not None:
+    if runtime is None:
+        return
+    if adapter_names is None:
         runtime.close()
+        return
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    unknown = [n for n in names if n not in runtime.files]
+    if unknown:
+        raise ValueError(f"No Share file is loaded as {', '.join(map(repr, unknown))}; loaded: {', '.join(map(repr, runtime.files))}.")
+    _rebuild(pipe, runtime, {n: s for n, s in runtime.files.items() if n not in names})
 
 
 def get_active_share_concepts(pipe):
@@ -348,18 +456,17 @@ def delete_share_concepts(pipe, names: str | list[str]) -> None:
         runtime.state.index(name)  # KeyError naming it
     if any(a.fused for a in runtime.adapters.values()):
         raise RuntimeError("Share is fused into the weights; call unfuse_share() before deleting concepts.")
-    state = runtime.state
-    keep = [i for i, n in enumerate(state.names) if n not in names]
-    state = ShareState({n: layer.subset(keep) for n, layer in state.layers.items()}, [state.concepts[i] for i in keep])
-    selection, paused = runtime.selection, any(a.paused for a in runtime.adapters.values())
+    files = {}
+    for adapter, state in runtime.files.items():
+        keep = [i for i, n in enumerate(state.names) if n not in names]
+        files[adapter] = ShareState({n: layer.subset(keep) for n, layer in state.layers.items()}, [state.concepts[i] for i in keep])
+    _rebuild(pipe, runtime, files)
 
-    def prune(mix):
-        return {n: w for n, w in mix.items() if n not in names} or None if mix else None
 
-    runtime.close()
-    runtime = ShareRuntime(_models(pipe), state)
-    runtime.select([prune(m) for m in selection] if isinstance(selection, list) else prune(selection))
-    runtime.pause(paused)
+def get_list_share_adapters(pipe) -> list[str]:
+    """The adapter names of the loaded Share files (like ``get_list_adapters``; empty when none is loaded)."""
+    runtime = _find(pipe)
+    return [] if runtime is None else list(runtime.files)
 
 
 def share_concepts(pipe) -> list[ShareConcept]:
@@ -367,7 +474,7 @@ def share_concepts(pipe) -> list[ShareConcept]:
     runtime = _find(pipe)
     if runtime is None:
         return []
-    return [ShareConcept(c["name"], c.get("trigger"), c.get("prompt")) for c in runtime.state.concepts]
+    return [ShareConcept(c["name"], c.get("trigger"), c.get("prompt"), c.get("adapter")) for c in runtime.state.concepts]
 
 
 class ShareLoaderMixin:
@@ -382,6 +489,7 @@ class ShareLoaderMixin:
     disable_share = disable_share
     enable_share = enable_share
     delete_share_concepts = delete_share_concepts
+    get_list_share_adapters = get_list_share_adapters
     share_concepts = property(share_concepts)
 
 

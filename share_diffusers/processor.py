@@ -1,11 +1,12 @@
-"""Attaching Share to models: where the delta enters a Diffusers UNet or a transformers CLIP encoder.
+"""Attaching Share to models: where the delta enters a Diffusers UNet or transformer (SD3, Flux) or a CLIP encoder.
 
 * `ShareAdapter` is an ``nn.Module`` registered on the model as ``model.share_adapter`` (so it
   follows ``.to()`` and offloading). It holds, on the model's device, every adapted layer's basis,
   the coefficient bank of all concepts, and the current selection as ``(G, L, k, k)`` cores.
   Switching concepts rewrites the cores in place; nothing else moves.
-* Every adapted projection (``to_q/k/v/out.0`` of a UNet `Attention`, ``q/k/v/out_proj`` of a
-  text encoder) gets a forward hook on its Linear that adds the delta to the output. The attention
+* Every adapted projection (``to_q/k/v/out.0`` of a UNet `Attention`, the joint-attention,
+  feed-forward and single-block Linears of a transformer, ``q/k/v/out_proj`` of a text encoder)
+  gets a forward hook on its Linear that adds the delta to the output. The attention
   processor is left alone, so the delta does not depend on which processor computes attention
   (`AttnProcessor2_0`, `AttnProcessor`, `SlicedAttnProcessor`, xFormers, …), a PEFT LoRA wrapping
   the same Linear still works and stacks with Share, and nothing selected adds nothing: the
@@ -20,16 +21,19 @@ from __future__ import annotations
 
 import torch
 from diffusers.models import attention_processor as _ap
+from diffusers.models.attention import AttentionModuleMixin
+from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
 from torch import Tensor, nn
 
 from .subspace import LayerShare, NewConcept, dense_delta, share_delta
-from .targets import PROJECTIONS, base_linear, find_targets, kind, unwrap
+from .targets import DENOISERS, base_linear, find_targets, kind, unwrap
 
 # processors that do not call to_q/to_k/to_v/to_out.0 as they are (fused QKV) or add projections
 # of their own beside them (IP-Adapter): with these the selected concepts would be silently wrong
 BYPASSING = tuple(getattr(_ap, n) for n in dir(_ap) if n.endswith("Processor2_0") and n.startswith("Fused")) + tuple(
     getattr(_ap, n) for n in dir(_ap) if "IPAdapter" in n and isinstance(getattr(_ap, n), type) and n != "IPAdapterMaskProcessor"
-)
+) + (FluxIPAdapterAttnProcessor,)
+_ATTENTION = (_ap.Attention, AttentionModuleMixin)  # modules with a processor that calls the projections
 
 
 class ShareAdapter(nn.Module):
@@ -130,6 +134,8 @@ class ShareAdapter(nn.Module):
         if self.trainer is not None:
             return self.trainer.layers[i](x, out)
         U, V, cores = self._views[i]
+        if not U.shape[-1] and out is not None:  # k = 0: no concept changes this layer (e.g. SD3's last add_q_proj, never read)
+            return out
         return share_delta(x, U, V, cores, self.index, out)
 
     def dense(self, i: int) -> Tensor:
@@ -184,8 +190,8 @@ def attach(model: nn.Module, component: str, names: list[str], adapter: ShareAda
     if missing:
         raise ValueError(f"Share layers not found in the {component}: {missing[:3]}")
     attentions = []
-    if kind(component) == "unet":
-        owners = sorted({_split_projection(n)[0] for n in names})
+    if kind(component) in DENOISERS:
+        owners = sorted({owner for owner in map(_attention_owner(model), names) if owner is not None})
         attentions = [(owner, model.get_submodule(owner)) for owner in owners]
         problem = _bypassing(attentions)
         if problem:
@@ -201,11 +207,18 @@ def attach(model: nn.Module, component: str, names: list[str], adapter: ShareAda
     model.share_adapter = adapter
 
 
-def _split_projection(name: str) -> tuple[str, str]:
-    for proj in PROJECTIONS["unet"]:
-        if name.endswith("." + proj):
-            return name[: -len(proj) - 1], proj
-    raise ValueError(f"{name} is not an attention projection ({', '.join(PROJECTIONS['unet'])}).")
+def _attention_owner(model: nn.Module):
+    """``name -> `` the name of the attention module (Diffusers `Attention`, Flux's `FluxAttention`, …) the
+    layer ``name`` belongs to, or ``None`` for a layer outside attention (a feed-forward, Flux's ``proj_mlp``)."""
+
+    def owner(name: str) -> str | None:
+        parts = name.split(".")
+        for end in range(len(parts) - 1, 0, -1):
+            if isinstance(model.get_submodule(".".join(parts[:end])), _ATTENTION):
+                return ".".join(parts[:end])
+        return None
+
+    return owner
 
 
 def _delta_hook(adapter: ShareAdapter, i: int):
@@ -219,6 +232,9 @@ def _delta_hook(adapter: ShareAdapter, i: int):
 def _bypassing(attentions) -> str | None:
     for owner, attn in attentions:
         processor = attn.processor
+        if isinstance(attn, AttentionModuleMixin) and attn.fused_projections:  # Flux's processor reads the flag, not its class
+            return (f"{owner} uses fused QKV projections (to_qkv, {type(processor).__name__}), which bypass the to_q/to_k/to_v "
+                    "layers Share adapts, so the selected concepts would be silently wrong.")
         if isinstance(processor, BYPASSING):
             name = type(processor).__name__
             what = f"fused QKV projections ({name})" if name.startswith("Fused") else name

@@ -14,10 +14,23 @@ import torch
 
 from .io import ShareFileError
 from .subspace import ShareState
+from .targets import split_layer
+
+ARCHITECTURES = {"unet": "a UNet pipeline: SD 1.x/2.x, SDXL", "transformer": "a transformer pipeline: SD3, Flux"}
 
 
 def check_compatible(file_shapes: dict, have: dict, source: str = "This Share file") -> None:
-    """Raise, naming the first mismatches, unless every layer of the file exists in ``have`` with its shape."""
+    """Raise, naming the first mismatches, unless every layer of the file exists in ``have`` with its shape.
+
+    A file for another kind of model (a UNet's on a transformer pipeline, or the reverse) is named as such."""
+    components = {split_layer(n)[0] for n in have}
+    foreign = sorted(({split_layer(n)[0] for n in file_shapes} - components) & ARCHITECTURES.keys())  # unet vs transformer
+    if foreign:
+        made_for = " and ".join(f"{c} ({ARCHITECTURES[c]})" for c in foreign)
+        raise ShareFileError(
+            f"{source} was made for another kind of base model: it adapts the {made_for}, which this pipeline does not "
+            f"have (its adaptable components: {', '.join(sorted(components)) or 'none'})."
+        )
     problems = []
     for name, shape in file_shapes.items():
         if name not in have:

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 from PIL import Image, ImageOps
 
 from .processor import ShareAdapter, attach, detach
@@ -175,6 +176,8 @@ def heldout_loss(pipe, images, captions: list[str], seed: int = 0, timesteps=LOS
     better. Everything random is fixed by `seed`, so two adapters are compared on identical
     problems and a repeated call returns the same number.
     """
+    if getattr(pipe, "transformer", None) is not None:  # SD3, Flux
+        return FlowMatching(pipe).heldout_loss(images, captions, seed, timesteps, cross_attention_kwargs)
     device = pipe.unet.device
     pixels = VaeImageProcessor(do_resize=False).preprocess([im.convert("RGB") for im in images])
     latents = pipe.vae.encode(pixels.to(device, pipe.vae.dtype)).latent_dist.mean
@@ -194,6 +197,88 @@ def heldout_loss(pipe, images, captions: list[str], seed: int = 0, timesteps=LOS
         prediction = pipe.unet(noisy, t, text, cross_attention_kwargs=cross_attention_kwargs).sample
         losses.append(F.mse_loss(prediction.float(), target.float()).item())
     return float(np.mean(losses))
+
+
+class FlowMatching:
+    """The objective of Diffusers' ``train_dreambooth_lora_sd3.py`` / ``_flux.py`` on a transformer pipeline.
+
+    Rectified flow: ``x_σ = (1 − σ) x_0 + σ ε`` and the transformer predicts the velocity ``ε − x_0``, σ drawn
+    like those scripts draw it (``compute_density_for_timestep_sampling`` with their default weighting
+    scheme: logit-normal for SD3, uniform for Flux) from the pipeline's flow-matching schedule. Flux packs
+    2×2 latent patches into tokens and takes position ids and the guidance embedding (``guidance_scale``,
+    FLUX.1-dev's distilled guidance); SD3 takes the latents as they are. Text goes through the
+    pipeline's own ``encode_prompt`` (all its encoders, T5 included).
+    """
+
+    def __init__(self, pipe, max_sequence_length: int | None = None, guidance_scale: float = 3.5, weighting_scheme: str | None = None):
+        self.pipe, self.flux = pipe, isinstance(pipe, FluxPipeline)
+        self.schedule = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        self.max_sequence_length = max_sequence_length or (512 if self.flux else 77)  # the scripts' defaults
+        self.weighting_scheme = weighting_scheme or ("none" if self.flux else "logit_normal")
+        self.guidance_scale = guidance_scale
+
+    def latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE latents as the transformer sees them."""
+        return (latents - (self.pipe.vae.config.shift_factor or 0.0)) * self.pipe.vae.config.scaling_factor
+
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(prompt_embeds, pooled_prompt_embeds)``, one row per caption."""
+        kw = dict(device=self.pipe.transformer.device, max_sequence_length=self.max_sequence_length)
+        if self.flux:
+            embeds, pooled, _ = self.pipe.encode_prompt(captions, None, **kw)
+        else:
+            embeds, _, pooled, _ = self.pipe.encode_prompt(captions, None, None, do_classifier_free_guidance=False, **kw)
+        return embeds, pooled
+
+    def predict(self, transformer, noisy: torch.Tensor, sigmas: torch.Tensor, text, joint_attention_kwargs=None) -> torch.Tensor:
+        """The predicted velocity, in the latents' layout ``(B, C, h, w)``."""
+        embeds, pooled = text
+        kw = dict(encoder_hidden_states=embeds, pooled_projections=pooled, joint_attention_kwargs=joint_attention_kwargs, return_dict=False)
+        if not self.flux:
+            return transformer(hidden_states=noisy, timestep=sigmas * 1000, **kw)[0]
+        b, c, h, w = noisy.shape
+        guidance = torch.full((b,), self.guidance_scale, device=noisy.device) if self.pipe.transformer.config.guidance_embeds else None
+        pred = transformer(
+            hidden_states=FluxPipeline._pack_latents(noisy, b, c, h, w), timestep=sigmas, guidance=guidance,
+            img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype),
+            txt_ids=torch.zeros(embeds.shape[1], 3, device=noisy.device, dtype=noisy.dtype), **kw,
+        )[0]
+        scale = self.pipe.vae_scale_factor
+        return FluxPipeline._unpack_latents(pred, h * scale, w * scale, scale)
+
+    def loss(self, transformer, latents, text, num_class: int = 0, prior_loss_weight: float = 1.0, generator=None) -> torch.Tensor:
+        """The training loss at random σ (class examples last, weighted), as `denoising_loss` for UNets."""
+        b = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        u = compute_density_for_timestep_sampling(self.weighting_scheme, b, logit_mean=0.0, logit_std=1.0, mode_scale=1.29)
+        sigmas = self.schedule.sigmas[(u * len(self.schedule.sigmas)).long().clamp(max=len(self.schedule.sigmas) - 1)]
+        sigmas = sigmas.to(latents.device, latents.dtype)
+        s = sigmas.view(-1, 1, 1, 1)
+        pred = self.predict(transformer, (1 - s) * latents + s * noise, sigmas, text)
+        weighting = compute_loss_weighting_for_sd3(self.weighting_scheme, s)
+        errors = (weighting.float() * (pred.float() - (noise - latents).float()) ** 2).reshape(b, -1).mean(1)
+        n = b - num_class
+        loss = errors[:n].mean()
+        if num_class:
+            loss = loss + prior_loss_weight * errors[n:].mean()
+        return loss
+
+    @torch.no_grad()
+    def heldout_loss(self, images, captions: list[str], seed: int = 0, timesteps=None, joint_attention_kwargs=None) -> float:
+        """`heldout_loss` for transformer pipelines: the velocity MSE at fixed σ = t / 1000 and fixed noises."""
+        device = self.pipe.transformer.device
+        pixels = VaeImageProcessor(do_resize=False).preprocess([im.convert("RGB") for im in images])
+        latents = self.latents(self.pipe.vae.encode(pixels.to(device, self.pipe.vae.dtype)).latent_dist.mean)
+        text = self.encode(captions)
+        generator = torch.Generator().manual_seed(seed)
+        losses = []
+        for t in timesteps or LOSS_TIMESTEPS:
+            noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+            sigmas = torch.full((len(latents),), t / 1000, device=device, dtype=latents.dtype)
+            s = sigmas.view(-1, 1, 1, 1)
+            pred = self.predict(self.pipe.transformer, (1 - s) * latents + s * noise, sigmas, text, joint_attention_kwargs)
+            losses.append(F.mse_loss(pred.float(), (noise - latents).float()).item())
+        return float(np.mean(losses))
 
 
 def encode_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:

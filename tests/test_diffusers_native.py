@@ -118,7 +118,7 @@ def test_from_pipe_shares_and_controls_the_same_share_state(tmp_path):
     i2i_dog = generate(i2i, image=image, strength=0.9, num_inference_steps=3)
     i2i.set_share_concepts(None)
     assert not torch.allclose(generate(i2i, image=image, strength=0.9, num_inference_steps=3), i2i_dog, atol=1e-4)
-    i2i.load_share(tmp_path / "s.safetensors")  # reloading from the new pipeline replaces the shared state
+    i2i.load_share(tmp_path / "s.safetensors", adapter_name="default_0", hotswap=True)  # replaces the shared state
     i2i.unload_share()
     assert pipe.share_concepts == [] and t2i.share_concepts == []
     assert torch.equal(generate(pipe), base) and not hasattr(pipe.unet, "share_adapter")
@@ -258,3 +258,100 @@ def test_fusing_a_component_the_file_does_not_adapt_raises(tmp_path):
     pipe.set_share_concepts("cat")
     with pytest.raises(ValueError, match="adapts unet, not text_encoder"):  # before: silently nothing
         pipe.fuse_share(["text_encoder"])
+
+
+# ----------------------------------------------------------------------------- sources: Hub, bytes; several files
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty local Hub cache with HF_HUB_OFFLINE on: nothing can reach the network."""
+    import huggingface_hub.constants as constants
+
+    cache = tmp_path / "hub-cache"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def test_load_share_from_a_hub_repo_offline_its_bytes_and_revisions(tmp_path, offline_hub):
+    from share_lab.tiny_pipelines import fake_hub_repo
+
+    pipe = tiny_sd()
+    random_share(pipe, tmp_path / "a.safetensors")
+    random_share(pipe, tmp_path / "b.safetensors", seed=1)
+    fake_hub_repo(offline_hub, "owner/concepts", {"share.safetensors": tmp_path / "a.safetensors",
+                                                 "v2/mine.safetensors": tmp_path / "b.safetensors"})
+    fake_hub_repo(offline_hub, "owner/concepts", {"share.safetensors": tmp_path / "b.safetensors"}, revision="v1")
+    pipe.load_share(tmp_path / "a.safetensors")
+    pipe.set_share_concepts("cat")
+    want_a = generate(pipe)
+    pipe.unload_share()
+    pipe.load_share(tmp_path / "b.safetensors")
+    pipe.set_share_concepts("cat")
+    want_b = generate(pipe)
+    pipe.unload_share()
+    for source, kwargs, want in [
+        ("owner/concepts", {}, want_a),  # before: "No Share file at owner/concepts"
+        ("owner/concepts", {"weight_name": "mine.safetensors", "subfolder": "v2"}, want_b),
+        ("owner/concepts", {"revision": "v1"}, want_b),
+        ((tmp_path / "a.safetensors").read_bytes(), {}, want_a),  # the file's bytes, e.g. an upload
+    ]:
+        pipe.load_share(source, **kwargs)
+        pipe.set_share_concepts("cat")
+        assert torch.equal(generate(pipe), want), kwargs
+        pipe.unload_share()
+    with pytest.raises(FileNotFoundError, match="'share.safetensors' of the Hub repo owner/absent.*HF_HUB_OFFLINE"):
+        pipe.load_share("owner/absent")
+    with pytest.raises(FileNotFoundError, match="'nope.safetensors' of the Hub repo owner/concepts"):
+        pipe.load_share("owner/concepts", weight_name="nope.safetensors")
+    with pytest.raises(share_diffusers.ShareFileError, match="<in-memory Share file>: not a readable"):
+        pipe.load_share(b"\x00" * 16)
+    from safetensors.torch import load_file
+
+    with pytest.raises(TypeError, match="tensors alone lack its header.*bytes"):
+        pipe.load_share(load_file(tmp_path / "a.safetensors"))
+    assert pipe.share_concepts == []
+
+
+def test_adapter_name_loads_several_share_files_side_by_side(tmp_path):
+    """Before: a second load_share silently replaced the first file. Now, as load_lora_weights, each
+    file is an adapter (default_0, default_1, … or adapter_name=), their concepts exact side by side."""
+    pipe = tiny_sd()
+    base = generate(pipe)
+    random_share(pipe, tmp_path / "pets.safetensors", names=("cat", "dog"))
+    random_share(pipe, tmp_path / "birds.safetensors", names=("owl", "jay"), seed=1, components=["unet"])
+    alone = {}
+    for path, names in ((tmp_path / "pets.safetensors", ("cat", "dog")), (tmp_path / "birds.safetensors", ("owl", "jay"))):
+        pipe.load_share(path)
+        for name in names:
+            pipe.set_share_concepts(name)
+            alone[name] = generate(pipe)
+        pipe.unload_share()
+    pipe.load_share(tmp_path / "pets.safetensors")
+    pipe.set_share_concepts("dog")
+    pipe.load_share(tmp_path / "birds.safetensors", adapter_name="birds")
+    assert pipe.get_list_share_adapters() == ["default_0", "birds"]
+    assert [(c.name, c.adapter) for c in pipe.share_concepts] == [("cat", "default_0"), ("dog", "default_0"), ("owl", "birds"),
+                                                                 ("jay", "birds")]
+    assert pipe.get_active_share_concepts() == {"dog": 1.0}  # loading another file keeps the selection
+    for name in ("cat", "dog", "owl", "jay"):
+        pipe.set_share_concepts(name)
+        assert (generate(pipe) - alone[name]).abs().max() <= 1e-5, name
+    pipe.set_share_concepts({"cat": 1.0, "owl": 1.0})  # a mix across files: neither file alone, nor the base
+    mix = generate(pipe)
+    assert min((mix - alone["cat"]).abs().max(), (mix - alone["owl"]).abs().max(), (mix - base).abs().max()) > 1e-3
+    with pytest.raises(ValueError, match="already loaded as adapter 'birds'.*hotswap=True"):
+        pipe.load_share(tmp_path / "birds.safetensors", adapter_name="birds")
+    with pytest.raises(ValueError, match="loaded as 'default_0' and 'default_1' both have a concept named 'cat'"):
+        pipe.load_share(tmp_path / "pets.safetensors")
+    with pytest.raises(ValueError, match="none is loaded as 'fish'"):
+        pipe.load_share(tmp_path / "birds.safetensors", adapter_name="fish", hotswap=True)
+    assert pipe.get_list_share_adapters() == ["default_0", "birds"]  # the refusals changed nothing
+    pipe.set_share_concepts("cat")
+    pipe.unload_share("birds")  # like delete_adapters: the other file stays exact
+    assert torch.equal(generate(pipe), alone["cat"]) and pipe.get_list_share_adapters() == ["default_0"]
+    pipe.load_share(tmp_path / "birds.safetensors", adapter_name="default_0", hotswap=True)  # replaces that file
+    assert [c.name for c in pipe.share_concepts] == ["owl", "jay"] and pipe.get_active_share_concepts() is None
+    pipe.unload_share()
+    assert torch.equal(generate(pipe), base)

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,12 +27,12 @@ SCRIPT = ROOT / "train" / "learn_concept.py"
 FAST = ["--max_train_steps", "4", "--train_batch_size", "2", "--num_validation_images", "1", "--report_to", "none"]
 
 
-def launch(*args, processes=1, check=True, timeout=300, cwd=None, **popen):
+def launch(*args, processes=1, check=True, timeout=300, cwd=None, env=None, **popen):
     """``accelerate launch`` the training script on CPU, one thread per process."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
            "--pretrained_model_name_or_path", str(BASE), *map(str, args)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1") | (env or {})  # never the network
     if popen:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd, **popen)
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
@@ -326,3 +327,117 @@ runpy.run_path({str(SCRIPT)!r}, run_name="__main__")
     assert share.read_bytes() == original
     lora = read_lora(tmp_path / "run5" / "unsaved_concept.safetensors")
     assert lora and all(B.abs().sum() > 0 for B, _ in lora.values())
+
+
+# ----------------------------------------------------------------------------- Hub and the DreamBooth flags
+
+
+def test_a_hub_base_and_tokenizer_with_pre_computed_embeddings_learn_the_same_concept(tmp_path, existing_share):
+    """Before: "not a local Diffusers pipeline folder". A Hub id (from a local Hub cache, HF_HUB_OFFLINE=1), a Hub
+    tokenizer and --pre_compute_text_embeddings give the concept the local run learned; --validation_images gives
+    one image-to-image result per image (on the tiny base, strength 0.75 keeps little of the start image's colour)."""
+    from PIL import Image
+
+    from share_lab.tiny_pipelines import fake_hub_repo
+
+    share, _ = existing_share
+    cache = tmp_path / "hub"
+    fake_hub_repo(cache, "tiny/base", {".": BASE})
+    fake_hub_repo(cache, "tiny/tokenizer", {".": BASE / "tokenizer"}, revision="main")
+    starts = []
+    for i, colour in enumerate(("red", "blue")):
+        Image.new("RGB", (40, 40), colour).save(tmp_path / f"start{i}.png")
+        starts.append(tmp_path / f"start{i}.png")
+    hub_share = tmp_path / "hub.safetensors"
+    result = learn(tmp_path, 4, hub_share, "--pretrained_model_name_or_path", "tiny/base", "--tokenizer_name", "tiny/tokenizer",
+                   "--pre_compute_text_embeddings", "--validation_images", *starts, "--output_dir", tmp_path / "hubrun",
+                   env={"HF_HUB_CACHE": str(cache)})
+    assert "--pre_compute_text_embeddings: " in result.stdout
+    local, _ = read_share(share)
+    hub, header = read_share(hub_share)
+    assert header["config"]["base_model"] == "tiny/base"  # the Hub id, not the cache path
+    assert str(cache) not in (tmp_path / "README.md").read_text()
+    name = concept(4).name
+    for layer in local.layers:
+        torch.testing.assert_close(hub.delta(layer, {name: 1}), local.delta(layer, {name: 1}), atol=1e-6, rtol=1e-5)
+    images = sorted((tmp_path / "hubrun").glob("validation_*.png"))
+    assert [p.name for p in images] == ["validation_0.png", "validation_1.png"]  # one per --validation_images, not 1
+    text_to_image = np.asarray(Image.open(tmp_path / "run4" / "validation_0.png"), dtype=float)  # same prompt and seed
+    assert np.abs(np.asarray(Image.open(images[0]), dtype=float) - text_to_image).max() > 10  # image-to-image, not the text-only call
+
+
+def _script(monkeypatch):
+    """train/learn_concept.py as a module (a script, not a package: loaded from its path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("learn_concept_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_flag_errors_are_clear_and_come_before_any_model_loads(tmp_path, monkeypatch):
+    import huggingface_hub.constants as constants
+
+    script = _script(monkeypatch)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as where it is not installed
+    (tmp_path / "junk.png").write_text("not an image")
+    common = ["--instance_data_dir", str(concept(0) / "train"), "--share_path", str(tmp_path / "s.safetensors"),
+              "--output_dir", str(tmp_path / "out"), "--report_to", "none"]
+    for flags, message in [
+        (["--use_8bit_adam"], "--use_8bit_adam needs bitsandbytes.*pip install bitsandbytes"),
+        (["--push_to_hub"], "--push_to_hub needs the network, but HF_HUB_OFFLINE is set"),
+        (["--pre_compute_text_embeddings", "--train_text_encoder"], "cannot be combined with --train_text_encoder"),
+        (["--validation_images", str(tmp_path / "junk.png")], "--validation_images: .*junk.png is not a readable image"),
+        (["--pretrained_model_name_or_path", "nobody/absent"], "'nobody/absent'.*HF_HUB_OFFLINE is set.*not in the local Hub cache"),
+    ]:
+        with pytest.raises(SystemExit, match=message):
+            script.main(script.parse_args(common + flags))
+    assert not (tmp_path / "s.safetensors").exists() and not (tmp_path / "out").exists()  # nothing loaded, nothing written
+
+
+def test_push_to_hub_uploads_the_share_file_card_report_and_images_in_one_commit(tmp_path, monkeypatch):
+    """With a fake Hub (no network): the repo id is --hub_model_id (else the output folder's name), the Share file
+    goes up as share.safetensors so that pipe.load_share(repo_id) finds it, with the token given."""
+    import huggingface_hub
+
+    script = _script(monkeypatch)
+    calls = []
+
+    def create_repo(repo_id, exist_ok=False, token=None):
+        calls.append(("create", repo_id, exist_ok, token))
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/me/{repo_id.split('/')[-1]}")
+
+    def upload_folder(repo_id, folder_path, token=None, commit_message=None):
+        files = {p.name: p.read_bytes() for p in Path(folder_path).iterdir()}
+        calls.append(("upload", repo_id, files, token, commit_message))
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
+    from share_lab.tiny_pipelines import random_share, tiny_sd
+
+    out = tmp_path / "my-run"
+    out.mkdir()
+    share = tmp_path / "concepts.safetensors"
+    random_share(tiny_sd(), share, names=("blob",))
+    for path, data in [(tmp_path / "README.md", b"someone's own README"), (out / "report.json", b"{}"),
+                       (out / "validation_0.png", b"png0"), (out / "checkpoint-4.bin", b"not uploaded")]:
+        path.write_bytes(data)
+    args = script.parse_args(["--share_path", str(share), "--output_dir", str(out), "--push_to_hub", "--hub_token", "tok",
+                              "--concept_name", "blob"])
+    assert script.push_to_hub(args, {}) == "me/my-run"
+    (create, upload) = calls
+    assert create == ("create", "my-run", True, "tok")
+    assert upload[:2] == ("upload", "me/my-run") and upload[3] == "tok" and "'blob'" in upload[4]
+    uploaded = upload[2]
+    assert set(uploaded) == {"share.safetensors", "README.md", "report.json", "validation_0.png"}
+    assert uploaded["share.safetensors"] == share.read_bytes() and uploaded["validation_0.png"] == b"png0"
+    card = uploaded["README.md"].decode()  # a card for the repo, not the README.md that happened to be beside the file
+    assert 'pipe.load_share("me/my-run")' in card and "| blob |" in card
+    calls.clear()
+    args.hub_model_id = "org/concepts"
+    script.push_to_hub(args, {"lora_path": str(share)})  # --no_merge: the LoRA file instead
+    assert calls[0][1] == "org/concepts" and set(calls[1][2]) == {"pytorch_lora_weights.safetensors", "validation_0.png"}

@@ -131,3 +131,136 @@ def test_bad_lora_inputs_name_the_problem(tmp_path):
         read_lora(tmp_path / "conv.safetensors")
     with pytest.raises(FileNotFoundError):
         read_lora(tmp_path / "nothing.safetensors")
+
+
+def test_loras_from_state_dicts_and_an_offline_hub_repo(loras, tmp_path, monkeypatch):
+    """Before: only local paths. A state dict (as ``load_lora_weights`` takes) and a Hub repo id
+    (``weight_name=``, ``revision=``, through huggingface_hub's cache with HF_HUB_OFFLINE) fold the same."""
+    import huggingface_hub.constants as constants
+    from safetensors.torch import load_file
+
+    from share_lab.tiny_pipelines import fake_hub_repo
+
+    pipe, files, truth = loras
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    fake_hub_repo(tmp_path / "hub", "someone/kohya-lora", {"pytorch_lora_weights.safetensors": files[2]})
+    fake_hub_repo(tmp_path / "hub", "someone/two", {"old.safetensors": files[0], "pytorch_lora_weights.safetensors": files[4]}, revision="v1")
+    fake_hub_repo(tmp_path / "hub", "someone/peft-adapter", {".": files[3]})  # adapter_model.safetensors + adapter_config.json
+    sources = [load_file(files[0]), "someone/kohya-lora", load_file(files[3] / "adapter_model.safetensors")]
+    with pytest.raises(ValueError, match="pass names="):
+        loras_to_share(sources, tmp_path / "s.safetensors")
+    report = loras_to_share(sources, tmp_path / "s.safetensors", names=["sd", "hub", "peft"], shapes=pipeline_shapes(pipe))
+    state, header = read_share(tmp_path / "s.safetensors")
+    assert [c["source"] for c in header["concepts"]] == ["<LoRA state dict>", "someone/kohya-lora", "<LoRA state dict>"]
+    # (a PEFT state dict without its adapter_config has no alpha: scale 1, as in load_lora_weights)
+    for name, expected, scale in (("sd", truth[0], 1.0), ("hub", truth[2], 1.0), ("peft", truth[3], 1 / 0.5)):
+        assert report[name]["overall"] < 1e-5
+        for layer, delta in expected.items():
+            torch.testing.assert_close(state.delta(layer, {name: 1.0}), delta * scale, atol=1e-5, rtol=1e-4)
+    for layer, (B, A) in read_lora("someone/peft-adapter").items():  # its adapter_config's alpha honoured
+        torch.testing.assert_close(B @ A.mT, truth[3][layer], atol=1e-5, rtol=1e-5)
+    factors = read_lora("someone/two", weight_name="old.safetensors", revision="v1")
+    for layer, (B, A) in factors.items():
+        torch.testing.assert_close(B @ A.mT, truth[0][layer], atol=1e-5, rtol=1e-5)
+    with pytest.raises(FileNotFoundError, match="someone/absent has neither pytorch_lora_weights.safetensors nor a PEFT adapter"):
+        read_lora("someone/absent")
+    with pytest.raises(FileNotFoundError, match="'nope.safetensors' of the Hub repo someone/two.*HF_HUB_OFFLINE"):
+        read_lora("someone/two", weight_name="nope.safetensors")
+    with pytest.raises(TypeError, match="maps key names to tensors"):
+        read_lora({"unet.a.lora_A.weight": [1.0]})
+
+
+def _wild_kohya_lora(pipe, rank=2, alpha=1.0, seed=0):
+    """A kohya LoRA as trainers write them by default: attention, proj_in/proj_out (1×1 convs here),
+    feed-forward and text-encoder MLP layers. Returns the state dict and every layer's true ΔW."""
+    g = torch.Generator().manual_seed(seed)
+    tensors, truth = {}, {}
+    leaves = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+    modules = [("unet", n, m) for n, m in pipe.unet.named_modules() if n.endswith(leaves)]
+    modules += [("text_encoder", n, m) for n, m in pipe.text_encoder.named_modules() if n.endswith(("q_proj", "v_proj", "mlp.fc1", "mlp.fc2"))]
+    for component, name, module in modules:
+        n, d = module.weight.shape[:2]
+        conv = module.weight.ndim == 4
+        up, down = torch.randn(n, rank, generator=g) * 0.2, torch.randn(rank, d, generator=g) * 0.2
+        key = ("lora_unet_" + name if component == "unet" else "lora_te_text_model_" + name).replace(".", "_")
+        tensors[f"{key}.lora_up.weight"] = up[..., None, None] if conv else up
+        tensors[f"{key}.lora_down.weight"] = down[..., None, None] if conv else down
+        tensors[f"{key}.alpha"] = torch.tensor(alpha)
+        truth[f"{component}.{name}"] = up @ down * (alpha / rank)
+    return tensors, truth
+
+
+def test_layers_share_does_not_adapt_are_refused_or_counted_in_the_reported_error(tmp_path):
+    """Before: proj_in/proj_out, feed-forward and text-encoder MLP layers were dropped with a warning while the
+    report said ~1e-8 (images 0.155 off). Now they are refused by name, or, allowed, counted in full."""
+    pipe = tiny_sd()
+    sd, truth = _wild_kohya_lora(pipe)
+    save_file(sd, tmp_path / "wild.safetensors")
+    with pytest.raises(share_diffusers.ShareFileError, match=r"wild.safetensors: \d+ LoRA layers outside.*proj_in.*holding .*%.*allow_dropped=True"):
+        loras_to_share([tmp_path / "wild.safetensors"], tmp_path / "s.safetensors")
+    assert not (tmp_path / "s.safetensors").exists()
+    report = loras_to_share([tmp_path / "wild.safetensors"], tmp_path / "s.safetensors", allow_dropped=True)["wild"]
+    state, header = read_share(tmp_path / "s.safetensors")
+    num = den = 0.0
+    for layer, delta in truth.items():  # measured: every layer of the LoRA against what the Share file gives
+        got = state.delta(layer, {"wild": 1.0}) if layer in state.layers else torch.zeros_like(delta)
+        num, den = num + ((got - delta) ** 2).sum().item(), den + (delta**2).sum().item()
+    measured = (num / den) ** 0.5
+    assert report["overall"] == pytest.approx(measured, rel=1e-4) and measured > 0.3
+    assert header["concepts"][0]["merge_errors"][-1] == pytest.approx(measured, rel=1e-4)
+    dropped = {l for l in truth if l.endswith(("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "mlp.fc1", "mlp.fc2"))}
+    assert set(report["dropped"]) == dropped and all(report["layers"][l] == 1.0 for l in dropped)
+    assert set(state.layers) == set(truth) - dropped
+
+
+def test_dora_and_lycoris_files_are_refused_naming_the_format(tmp_path):
+    """Before: a DoRA imported with its magnitudes silently dropped; a LoHa failed with Diffusers' 7,700-character error."""
+    pipe = tiny_sd()
+    sd, _ = _wild_kohya_lora(pipe)
+    q = next(k for k in sd if k.endswith("to_q.lora_up.weight")).removesuffix(".lora_up.weight")
+    cases = {
+        "DoRA": {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(2, 32),
+                 "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.zeros(32, 2),
+                 "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_magnitude_vector": torch.ones(32)},
+        "LoHa": {f"{q}.hada_w1_a": torch.zeros(32, 2), f"{q}.hada_w1_b": torch.zeros(2, 32), f"{q}.alpha": torch.tensor(1.0)},
+        "LoKr": {f"{q}.lokr_w1": torch.zeros(4, 4), f"{q}.lokr_w2": torch.zeros(8, 8)},
+    }
+    for name, tensors in cases.items():
+        save_file(tensors, tmp_path / f"{name}.safetensors")
+        with pytest.raises(share_diffusers.ShareFileError, match=rf"is a {name} .*not a plain LoRA") as info:
+            loras_to_share([tmp_path / f"{name}.safetensors"], tmp_path / "s.safetensors", allow_dropped=True)
+        assert len(str(info.value)) < 400
+
+
+@pytest.mark.parametrize("builder", ["tiny_sd", "tiny_sdxl"])
+def test_a_kohya_export_loads_in_diffusers_with_the_images_of_the_peft_export(builder, tmp_path):
+    """share_to_lora(format="kohya"): the keys A1111 / ComfyUI load, alpha and kohya metadata; Diffusers'
+    kohya converter loads it to the same images as the Diffusers-layout export."""
+    from safetensors import safe_open
+
+    from share_lab import tiny_pipelines
+    from share_lab.tiny_pipelines import random_share
+
+    pipe = getattr(tiny_pipelines, builder)()
+    random_share(pipe, tmp_path / "s.safetensors")
+    mix = {"cat": 0.7, "owl": 0.5}
+    share_to_lora(tmp_path / "s.safetensors", mix, tmp_path / "peft.safetensors")
+    share_to_lora(tmp_path / "s.safetensors", mix, tmp_path / "kohya.safetensors", format="kohya")
+    with safe_open(tmp_path / "kohya.safetensors", "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+        alphas = {k: f.get_tensor(k).item() for k in keys if k.endswith(".alpha")}
+        ranks = {k: f.get_tensor(k.replace(".alpha", ".lora_down.weight")).shape[0] for k in alphas}
+    prefixes = ("lora_unet_", "lora_te1_", "lora_te2_") if builder == "tiny_sdxl" else ("lora_unet_", "lora_te_")
+    assert all(k.startswith(prefixes) and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys)
+    assert {k.split("_")[1] for k in keys} == {p.split("_")[1] for p in prefixes}  # every component exported
+    assert alphas == ranks and meta["ss_network_module"] == "networks.lora" and json.loads(meta["share_diffusers_concept"]) == mix
+    images = {}
+    for fmt in ("peft", "kohya"):
+        pipe.load_lora_weights(tmp_path / f"{fmt}.safetensors", adapter_name=fmt)
+        images[fmt] = pipe("a photo of a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
+        pipe.unload_lora_weights()
+    base = pipe("a photo of a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert (images["kohya"] - images["peft"]).abs().max() <= 1e-4 < (images["peft"] - base).abs().max()
+    with pytest.raises(ValueError, match="format must be one of diffusers, kohya"):
+        share_to_lora(tmp_path / "s.safetensors", "cat", tmp_path / "x.safetensors", format="a1111")

@@ -251,7 +251,7 @@ def test_install_never_overwrites_and_the_mixin_works(tmp_path):
     assert Custom.load_share(None) == "mine"
     assert install() == [
         "load_share", "set_share_concepts", "fuse_share", "unfuse_share", "unload_share", "get_active_share_concepts",
-        "disable_share", "enable_share", "delete_share_concepts", "share_concepts",
+        "disable_share", "enable_share", "delete_share_concepts", "get_list_share_adapters", "share_concepts",
     ]
 
     class Mixed(StableDiffusionPipeline, ShareLoaderMixin):

@@ -103,6 +103,7 @@ def test_a_switch_touches_only_the_selected_concepts_and_never_walks_the_model(t
         monkeypatch.undo()
         assert walks == []  # checking for replaced processors must not traverse the UNet
         flops[C] = fc.get_total_flops()
+        pipe.unload_share()
     assert flops[3] == flops[300] > 0  # the cost of a switch does not depend on how many concepts are loaded
 
 

@@ -2,7 +2,8 @@
 """Learn one concept into a Share file: ``accelerate launch train/learn_concept.py [flags]``.
 
 The shared basis stays frozen; the concept's coefficients and φ temporary directions are trained
-on 3–20 images (DreamBooth-style, with the flags of Diffusers' ``train_dreambooth_lora.py``).
+on 3–20 images (DreamBooth-style, with the flags of Diffusers' ``train_dreambooth_lora.py``; on SD3
+and Flux pipelines with the flow-matching objective of ``train_dreambooth_lora_{sd3,flux}.py``).
 Then the concept is merged: the subspace is refit to all concepts, every old concept is
 re-expressed in it without any of its data, and the report says what that did to each of them
 (merge error, held-out loss before/after). The Share file is rewritten atomically and gets a
@@ -21,6 +22,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ from transformers import AutoTokenizer, CLIPTextModel
 from share_diffusers import ShareConfig, ShareFileError, ShareState, read_share
 from share_diffusers.card import write_model_card
 from share_diffusers.config import portable_path, resolve_config, stored_config
+from share_diffusers.hub import snapshot
 from share_diffusers.io import ABSENT, DEFAULT_WEIGHT_NAME, atomic_write, locked
 from share_diffusers.lora import write_lora
 from share_diffusers.names import check_concept_name, check_trigger
@@ -48,6 +51,7 @@ from share_diffusers.subspace import balance
 from share_diffusers.targets import model_shapes, split_layer
 from share_diffusers.training import (
     ConceptDataset,
+    FlowMatching,
     attach_new_concept,
     check_image_count,
     collate,
@@ -76,8 +80,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     # model and data (names as in Diffusers' train_dreambooth_lora.py)
-    a("--pretrained_model_name_or_path", default=str(ROOT / "assets" / "tiny-base"), help="Base pipeline folder (local).")
-    a("--revision", default=None)
+    a("--pretrained_model_name_or_path", default=str(ROOT / "assets" / "tiny-base"),
+      help="Base pipeline: a local Diffusers folder or a Hub repo id (huggingface_hub; HF_HUB_OFFLINE reads only its cache).")
+    a("--revision", default=None, help="The Hub revision (branch, tag or commit) of the base pipeline.")
+    a("--tokenizer_name", default=None, help="Tokenizer folder or Hub repo id, if not the base pipeline's tokenizer/.")
     a("--variant", default=None, help="Weights variant, e.g. fp16.")
     a("--instance_data_dir", default=None, help="Folder of 3–20 images (+ optional <image>.txt captions). Default: a demo concept.")
     a("--instance_prompt", default=None, help="Caption for images without a .txt file, e.g. 'a photo of sks dog'.")
@@ -99,6 +105,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--prior_generation_precision", choices=["no", "fp32", "fp16", "bf16"], default=None)
     # optimisation
     a("--train_text_encoder", action="store_true", help="Also adapt the text encoder's attention projections.")
+    a("--pre_compute_text_embeddings", action="store_true",
+      help="Encode every caption once before training, then keep the text encoder off the accelerator until validation.")
+    a("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (pip install bitsandbytes).")
+    # transformer pipelines (SD3, Flux), as in Diffusers' train_dreambooth_lora_{sd3,flux}.py
+    a("--max_sequence_length", type=int, default=None, help="T5 tokens per prompt (default: 77 for SD3, 512 for Flux).")
+    a("--guidance_scale", type=float, default=3.5, help="Flux: the guidance embedding's value while training (FLUX.1-dev).")
+    a("--weighting_scheme", default=None, choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"],
+      help="How σ is sampled and weighted (default: logit_normal for SD3, none for Flux).")
     a("--train_batch_size", type=int, default=4)
     a("--num_train_epochs", type=int, default=1)
     a("--max_train_steps", type=int, default=400, help="Overrides --num_train_epochs.")
@@ -125,11 +139,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
     a("--validation_prompt", default=None, help="Default: the first held-out caption, else the instance prompt.")
     a("--num_validation_images", type=int, default=4)
+    a("--validation_images", nargs="+", default=None,
+      help="Initial images for validation: one image-to-image result per image, with the validation prompt, saved to --output_dir.")
     a("--validation_epochs", type=int, default=None, help="Also validate every N epochs (default: only at the end).")
     a("--validation_steps", type=int, default=None, help="Also write a preview image (output_dir/preview.png) every N steps.")
     a("--progress_file", default=None, help="Keep a JSON file with step, loss and status up to date (for UIs).")
     a("--report_to", default="tensorboard", help="tensorboard, wandb, all, or none.")
     a("--logging_dir", default="logs")
+    a("--push_to_hub", action="store_true", help="Upload the Share file, its model card, the report and validation images to the Hub.")
+    a("--hub_model_id", default=None, help="The Hub repo to push to (default: the output folder's name).")
+    a("--hub_token", default=None, help="Hub token (default: the one huggingface_hub finds, e.g. from `hf auth login`).")
     # Share
     a("--share_path", default=str(ROOT / "outputs" / "share.safetensors"), help="The Share file to extend (created if absent).")
     a("--concept_name", default=None, help="Default: from the concept folder's concept.json, else the folder name.")
@@ -228,11 +247,15 @@ class Base:
     unet: UNet2DConditionModel
     noise_scheduler: DDPMScheduler
     dtype: torch.dtype
+    component: str = "unet"  # the denoiser's component: "unet", or "transformer" (held in ``unet``)
+    flow: FlowMatching | None = None  # transformer pipelines: their objective, text encoding and pipeline
 
     def pipeline(self, args):
+        if self.flow is not None:
+            return self.flow.pipe
         pipe = DiffusionPipeline.from_pretrained(
-            self.path, unet=self.unet, text_encoder=self.text_encoder, vae=self.vae, tokenizer=self.tokenizer,
-            local_files_only=True, safety_checker=None, revision=args.revision, variant=args.variant,
+            self.path, unet=self.unet, text_encoder=self.text_encoder.to(self.unet.device), vae=self.vae, tokenizer=self.tokenizer,
+            local_files_only=True, safety_checker=None, variant=args.variant,
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -248,13 +271,25 @@ def learn(args) -> dict | None:
         examples = read_instance_images(args.instance_data_dir, args.instance_prompt)
         check_image_count(len(examples), args.instance_data_dir)
         heldout = read_instance_images(args.heldout_data_dir, args.instance_prompt) if args.heldout_data_dir else []
+        validation_images = read_validation_images(args.validation_images)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
-    if not (Path(args.pretrained_model_name_or_path) / "model_index.json").is_file():
-        fail(f"{args.pretrained_model_name_or_path} is not a local Diffusers pipeline folder (no model_index.json).")
+    check_flags(args)
+    try:
+        args.base_path = snapshot(args.pretrained_model_name_or_path, "base pipeline", revision=args.revision)
+        args.tokenizer_path = snapshot(args.tokenizer_name, "tokenizer", revision=args.revision) if args.tokenizer_name else None
+    except OSError as e:
+        fail(str(e))
+    if not (args.base_path / "model_index.json").is_file():
+        fail(f"{args.pretrained_model_name_or_path} is not a Diffusers pipeline folder (no model_index.json).")
     accelerator = make_accelerator(args)
     base = load_base(args, accelerator)
-    models = {"unet": base.unet} | ({"text_encoder": base.text_encoder} if args.train_text_encoder else {})
+    models = {base.component: base.unet} | ({"text_encoder": base.text_encoder} if args.train_text_encoder else {})
+    if base.flow is not None and args.finetune_after_merge_steps:
+        fail("--finetune_after_merge_steps is not available on transformer pipelines (SD3, Flux) yet.")
+    if base.flow is not None and (args.pre_compute_text_embeddings or args.tokenizer_name or args.validation_images):
+        fail("--pre_compute_text_embeddings, --tokenizer_name and --validation_images are not available on transformer pipelines "
+             "(SD3, Flux) yet.")
     old_state = share_to_extend(args, base, models)
     old_heldout = stored_heldout(args, old_state)
     # the new concept's trainable parametrisation, fp32 even under mixed precision
@@ -269,10 +304,42 @@ def learn(args) -> dict | None:
         detach_new_concept(models)
         report_progress(args, status="merging", step=steps, max_steps=steps, loss=loss_value)
         trained = Trained(old_state, factors, trained_loss, examples, heldout, steps, started, old_heldout)
-        result = finish(args, accelerator, pipe, trained)
+        result = finish(args, accelerator, pipe, trained, validation_images)
+        if args.push_to_hub:
+            result["hub_repo_id"] = push_to_hub(args, result)
         report_progress(args, status="done", step=steps, max_steps=steps, loss=loss_value, report=result)
     accelerator.end_training()
     return result
+
+
+def check_flags(args) -> None:
+    """Flag combinations and optional packages, checked before any model is loaded (names as in train_dreambooth_lora.py)."""
+    if args.pre_compute_text_embeddings and args.train_text_encoder:
+        fail("--pre_compute_text_embeddings cannot be combined with --train_text_encoder (the text encoder's output changes while training).")
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            fail("--use_8bit_adam needs bitsandbytes, which is not installed: pip install bitsandbytes (or leave the flag out for torch's AdamW).")
+    if args.push_to_hub:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            fail("--push_to_hub needs the network, but HF_HUB_OFFLINE is set; nothing was trained.")
+
+
+def read_validation_images(paths) -> list:
+    """--validation_images, read (and checked) before training."""
+    from PIL import Image
+
+    images = []
+    for path in paths or ():
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--validation_images: {path} is not a readable image ({e}).") from None
+    return images
 
 
 def make_accelerator(args) -> Accelerator:
@@ -293,9 +360,14 @@ def make_accelerator(args) -> Accelerator:
 
 
 def load_base(args, accelerator) -> Base:
-    path = Path(args.pretrained_model_name_or_path)
-    load = dict(revision=args.revision, variant=args.variant, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **{k: v for k, v in load.items() if k != "variant"})
+    path = args.base_path  # a local folder (a Hub id's snapshot, `learn` resolved it)
+    load = dict(variant=args.variant, local_files_only=True)
+    if "transformer" in json.loads((path / "model_index.json").read_text()):
+        return load_transformer_base(args, accelerator, path, load)
+    if args.tokenizer_path is not None:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path, local_files_only=True)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **load)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **load)
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **load)
@@ -313,10 +385,27 @@ def load_base(args, accelerator) -> Base:
     return Base(path, tokenizer, text_encoder, vae, unet, noise_scheduler, dtype)
 
 
+def load_transformer_base(args, accelerator, path: Path, load: dict) -> Base:
+    """SD3 / Flux: the whole pipeline (its ``encode_prompt`` needs every text encoder), frozen, and its objective."""
+    pipe = DiffusionPipeline.from_pretrained(path, **load)
+    pipe.set_progress_bar_config(disable=True)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    for model in pipe.components.values():
+        if isinstance(model, torch.nn.Module):
+            model.requires_grad_(False)
+    pipe.to(accelerator.device, dtype=dtype)
+    if args.gradient_checkpointing:
+        pipe.transformer.enable_gradient_checkpointing()
+    args.resolution = args.resolution or pipe.default_sample_size * pipe.vae_scale_factor
+    flow = FlowMatching(pipe, args.max_sequence_length, args.guidance_scale, args.weighting_scheme)
+    args.max_sequence_length = flow.max_sequence_length
+    return Base(path, pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.transformer, flow.schedule, dtype, "transformer", flow)
+
+
 def share_to_extend(args, base: Base, models: dict) -> ShareState:
     """The Share file's state this concept joins (its namesake dropped with --overwrite_concept);
     sets ``args.config``, the settings it is continued with."""
-    base_shapes = model_shapes({"unet": base.unet, "text_encoder": base.text_encoder})
+    base_shapes = model_shapes({base.component: base.unet, "text_encoder": base.text_encoder})
     train_shapes = {n: s for n, s in base_shapes.items() if split_layer(n)[0] in models}
     try:
         state, args.config = load_state(args, base_shapes, train_shapes)
@@ -336,10 +425,19 @@ def train(args, accelerator, base: Base, models: dict, trainers: dict, examples,
     # its own generator: creating an iterator must not draw from the global RNG (exact resume)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
                                          num_workers=args.dataloader_num_workers, generator=torch.Generator().manual_seed(args.seed))
-    cache = Cache(base.vae, base.tokenizer, base.text_encoder, dataset, args, accelerator.device, base.dtype)
+    cache = Cache(base.vae, base.tokenizer, base.text_encoder, dataset, args, accelerator.device, base.dtype, base.flow)
+    if args.pre_compute_text_embeddings:
+        cache.text([e.caption for e in dataset.examples + dataset.class_examples])
+        base.text_encoder.to("cpu")  # until a pipeline needs it (`Base.pipeline` brings it back)
+        accelerator.print(f"--pre_compute_text_embeddings: {len(cache.texts)} caption(s) encoded; the text encoder is off the accelerator.")
 
     scale = args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes if args.scale_lr else 1
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate * scale, betas=(args.adam_beta1, args.adam_beta2),
+    adam = torch.optim.AdamW
+    if args.use_8bit_adam:
+        import bitsandbytes
+
+        adam = bitsandbytes.optim.AdamW8bit
+    optimizer = adam(params, lr=args.learning_rate * scale, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     per_epoch = steps_per_epoch(math.ceil(len(loader) / accelerator.num_processes), args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or args.num_train_epochs * per_epoch
@@ -385,7 +483,10 @@ def train(args, accelerator, base: Base, models: dict, trainers: dict, examples,
             with accelerator.accumulate(*train_modules):
                 latents = cache.latents(batch)
                 text = cache.text(batch["captions"], encoder=wrapped.get("text_encoder"))
-                loss = denoising_loss(wrapped["unet"], base.noise_scheduler, latents, text, batch["num_class"], args.prior_loss_weight)
+                if base.flow is not None:
+                    loss = base.flow.loss(wrapped[base.component], latents, text, batch["num_class"], args.prior_loss_weight)
+                else:
+                    loss = denoising_loss(wrapped["unet"], base.noise_scheduler, latents, text, batch["num_class"], args.prior_loss_weight)
                 if not torch.isfinite(loss):
                     fail(f"the loss became {loss.item()} at step {global_step}: stopping; {args.share_path} was not touched. "
                          "Lower --learning_rate or use fp32.")
@@ -406,6 +507,8 @@ def train(args, accelerator, base: Base, models: dict, trainers: dict, examples,
                     if args.validation_steps and global_step % args.validation_steps == 0:
                         preview = base.pipeline(args)
                         image = generate_validation(preview, args, heldout, count=1)[0]
+                        if args.pre_compute_text_embeddings:
+                            base.text_encoder.to("cpu")
                         atomic_write(output_dir / "preview.png", lambda tmp, image=image: image.save(tmp, format="PNG"))
                 if global_step % args.checkpointing_steps == 0:
                     save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
@@ -447,8 +550,8 @@ def checkpoint_only_the_concept(accelerator, trainers: dict, share_path) -> None
 class Cache:
     """Latents and text embeddings computed once when nothing trainable or random feeds them."""
 
-    def __init__(self, vae, tokenizer, text_encoder, dataset, args, device, dtype):
-        self.vae, self.tokenizer, self.text_encoder, self.dtype = vae, tokenizer, text_encoder, dtype
+    def __init__(self, vae, tokenizer, text_encoder, dataset, args, device, dtype, flow: FlowMatching | None = None):
+        self.vae, self.tokenizer, self.text_encoder, self.dtype, self.flow = vae, tokenizer, text_encoder, dtype, flow
         self.scaling = vae.config.scaling_factor
         self.dists = {}
         if dataset.deterministic_crops():
@@ -469,9 +572,13 @@ class Cache:
         else:
             with torch.no_grad():
                 sample = latent_dist(self.vae, batch["pixel_values"]).sample()
+        if self.flow is not None:
+            return self.flow.latents(sample).to(self.dtype)
         return (sample * self.scaling).to(self.dtype)
 
     def text(self, captions: list[str], encoder=None) -> torch.Tensor:
+        if self.flow is not None:
+            return self.flow_text(captions)
         if not self.cache_text:
             return encode_text(self.tokenizer, encoder, captions)
         missing = [c for c in dict.fromkeys(captions) if c not in self.texts]
@@ -480,6 +587,17 @@ class Cache:
                 for c, e in zip(missing, encode_text(self.tokenizer, self.text_encoder, missing)):
                     self.texts[c] = e
         return torch.stack([self.texts[c] for c in captions])
+
+    def flow_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(prompt_embeds, pooled)`` through the pipeline's encoders (a trained CLIP encoder is the pipeline's own)."""
+        if not self.cache_text:
+            return self.flow.encode(captions)
+        missing = [c for c in dict.fromkeys(captions) if c not in self.texts]
+        if missing:
+            with torch.no_grad():
+                for c, embeds, pooled in zip(missing, *self.flow.encode(missing)):
+                    self.texts[c] = (embeds, pooled)
+        return tuple(torch.stack(parts) for parts in zip(*(self.texts[c] for c in captions)))
 
 
 def find_checkpoint(output_dir: Path, which: str) -> Path | None:
@@ -571,7 +689,7 @@ class Trained:
     old_heldout: dict  # the old concepts' held-out examples (`stored_heldout`), by name
 
 
-def finish(args, accelerator, pipe, trained: Trained) -> dict:
+def finish(args, accelerator, pipe, trained: Trained, validation_images=()) -> dict:
     """Merge, report, write the Share file atomically, write the model card, validate from the file."""
     old_state, factors, heldout, trained_loss = trained.old_state, trained.factors, trained.heldout, trained.loss
     examples, started, steps = trained.examples, trained.started, trained.steps
@@ -608,6 +726,8 @@ def finish(args, accelerator, pipe, trained: Trained) -> dict:
     pipe.load_share(args.share_path)  # validate end to end, through the file just written
     pipe.set_share_concepts(args.concept_name)
     images = generate_validation(pipe, args, heldout)
+    if validation_images:  # as in train_dreambooth_lora.py: one result per given image (here image-to-image)
+        images = generate_from_images(pipe, args, heldout, validation_images)
     pipe.unload_share()
     for i, image in enumerate(images):
         image.save(output_dir / f"validation_{i}.png")
@@ -679,8 +799,49 @@ def generate_validation(pipe, args, heldout, count=None):
     count = count or args.num_validation_images
     prompt = args.validation_prompt or (heldout[0].caption if heldout else args.instance_prompt)
     gens = [torch.Generator().manual_seed(args.seed + i) for i in range(count)]
+    kw = {}
+    if getattr(pipe, "transformer", None) is not None:  # their defaults are 1024 px and 512 T5 tokens, whatever was trained
+        kw = {"height": args.resolution, "width": args.resolution, "max_sequence_length": args.max_sequence_length}
     with torch.no_grad():
-        return pipe([prompt] * count, generator=gens, num_inference_steps=25).images
+        return pipe([prompt] * count, generator=gens, num_inference_steps=25, **kw).images
+
+
+def generate_from_images(pipe, args, heldout, images) -> list:
+    """--validation_images: the validation prompt applied to each image by the image-to-image pipeline of the same
+    components (it shares the loaded Share state)."""
+    from diffusers import AutoPipelineForImage2Image
+
+    i2i = AutoPipelineForImage2Image.from_pipe(pipe)
+    prompt = args.validation_prompt or (heldout[0].caption if heldout else args.instance_prompt)
+    size = (args.resolution, args.resolution)
+    with torch.no_grad():
+        return [i2i(prompt, image=image.resize(size), generator=torch.Generator().manual_seed(args.seed + i), num_inference_steps=25,
+                    strength=0.75).images[0] for i, image in enumerate(images)]
+
+
+def push_to_hub(args, result: dict) -> str:
+    """--push_to_hub: one commit with the Share file (as share.safetensors, so ``pipe.load_share(repo_id)`` finds it),
+    its model card, the report and the validation images (with --no_merge: the LoRA file instead of the Share file)."""
+    from huggingface_hub import create_repo, upload_folder
+
+    output_dir, share = Path(args.output_dir), Path(args.share_path)
+    repo_id = create_repo(args.hub_model_id or output_dir.name, exist_ok=True, token=args.hub_token).repo_id
+    files = {p.name: p for p in sorted(output_dir.glob("validation_*.png"))}
+    if "lora_path" in result:
+        files["pytorch_lora_weights.safetensors"] = Path(result["lora_path"])
+    else:
+        files |= {DEFAULT_WEIGHT_NAME: share, "report.json": output_dir / "report.json"}
+    with tempfile.TemporaryDirectory(prefix="share-push-") as staging:
+        for name, path in files.items():
+            shutil.copy(path, Path(staging) / name)
+        if "lora_path" not in result:  # the card, with the example loading from the repo
+            state, header = read_share(Path(staging) / DEFAULT_WEIGHT_NAME)
+            write_model_card(Path(staging) / DEFAULT_WEIGHT_NAME, state, header["config"], load_from=repo_id)
+            files["README.md"] = None
+        upload_folder(repo_id=repo_id, folder_path=staging, token=args.hub_token,
+                      commit_message=f"Share: add concept {args.concept_name!r}")
+    print(f"Pushed {', '.join(files)} to https://huggingface.co/{repo_id}")
+    return repo_id
 
 
 def report_progress(args, **status) -> None:
