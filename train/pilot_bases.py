@@ -387,9 +387,9 @@ def reach(args) -> None:
     base_dir = args.base
     classifier, cs = load_classifier(), concepts()[:args.concepts]
     key = ["reach", base_dir.name]
-    record(key + ["command"], "python train/pilot_bases.py reach " + " ".join(sys.argv[2:]))
+    command = "python train/pilot_bases.py reach " + " ".join(sys.argv[2:])
     for name in args.recipes:
-        rows, result = [], {"recipe": REACH[name], "per_concept": {}, "seconds": []}
+        rows, result = [], {"recipe": REACH[name], "command": command, "per_concept": {}, "seconds": [], "images_per_concept": args.generated}
         for k, concept in enumerate(cs):
             stage = time.time()
             pipe = load_pipe(base_dir)
