@@ -332,7 +332,7 @@ runpy.run_path({str(SCRIPT)!r}, run_name="__main__")
 # ----------------------------------------------------------------------------- Hub and the DreamBooth flags
 
 
-def test_a_hub_base_and_tokenizer_with_pre_computed_embeddings_learn_the_same_concept(tmp_path, existing_share):
+def test_a_hub_base_and_tokenizer_with_pre_computed_embeddings_learn_the_same_concept(tmp_path, learned_once):
     """Before: "not a local Diffusers pipeline folder". A Hub id (from a local Hub cache, HF_HUB_OFFLINE=1), a Hub
     tokenizer and --pre_compute_text_embeddings give the concept the local run learned; --validation_images gives
     one image-to-image result per image (on the tiny base, strength 0.75 keeps little of the start image's colour)."""
@@ -340,7 +340,7 @@ def test_a_hub_base_and_tokenizer_with_pre_computed_embeddings_learn_the_same_co
 
     from share_lab.tiny_pipelines import fake_hub_repo
 
-    share, _ = existing_share
+    share = learned_once  # the local run, same concept, flags and seed
     cache = tmp_path / "hub"
     fake_hub_repo(cache, "tiny/base", {".": BASE})
     fake_hub_repo(cache, "tiny/tokenizer", {".": BASE / "tokenizer"}, revision="main")
@@ -362,7 +362,7 @@ def test_a_hub_base_and_tokenizer_with_pre_computed_embeddings_learn_the_same_co
         torch.testing.assert_close(hub.delta(layer, {name: 1}), local.delta(layer, {name: 1}), atol=1e-6, rtol=1e-5)
     images = sorted((tmp_path / "hubrun").glob("validation_*.png"))
     assert [p.name for p in images] == ["validation_0.png", "validation_1.png"]  # one per --validation_images, not 1
-    text_to_image = np.asarray(Image.open(tmp_path / "run4" / "validation_0.png"), dtype=float)  # same prompt and seed
+    text_to_image = np.asarray(Image.open(learned_once.parent / "run4" / "validation_0.png"), dtype=float)  # same prompt and seed
     assert np.abs(np.asarray(Image.open(images[0]), dtype=float) - text_to_image).max() > 10  # image-to-image, not the text-only call
 
 
