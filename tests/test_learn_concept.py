@@ -162,7 +162,7 @@ def existing_share(tmp_path, learned_once):
     return share, share.read_bytes()
 
 
-def test_bad_inputs_are_clear_errors_and_leave_the_share_file_untouched(tmp_path, existing_share):
+def test_bad_inputs_are_clear_errors_and_leave_the_share_file_untouched(tmp_path, existing_share, monkeypatch):
     share, original = existing_share
     (tmp_path / "empty").mkdir()
     broken = tmp_path / "broken"
@@ -178,27 +178,40 @@ def test_bad_inputs_are_clear_errors_and_leave_the_share_file_untouched(tmp_path
     shutil.copy(first, one), shutil.copy(first.with_suffix(".txt"), one)
     for i in range(200):
         shutil.copy(first, many / f"{i:03d}.png"), shutil.copy(first.with_suffix(".txt"), many / f"{i:03d}.txt")
-    cases = [
+    c5 = ["--instance_data_dir", concept(5) / "train"]
+    # checked before any model loads: run in this process (a launch costs ~12 s); the same main() and progress file
+    before_models = [
         (["--instance_data_dir", tmp_path / "empty"], "No images in"),
         (["--instance_data_dir", broken], "Unreadable image files.*bad.jpg.*notes.png"),
-        (["--instance_data_dir", concept(4) / "train"], "already has a concept named.*--overwrite_concept"),
-        (["--instance_data_dir", concept(5) / "train", "--share_path", tmp_path / "other.safetensors"], "another base model"),
-        (["--instance_data_dir", concept(5) / "train", "--learning_rate", "1e30"], "loss became (nan|inf).*not touched"),
-        (["--instance_data_dir", concept(5) / "train", "--concept_name", "../../x"], r"contains '\.\.'"),
-        (["--instance_data_dir", concept(5) / "train", "--concept_name", "a/b"], "path or control characters"),
-        (["--instance_data_dir", concept(5) / "train", "--concept_name", "<b>x</b>"], "characters that are not allowed"),
-        (["--instance_data_dir", concept(5) / "train", "--trigger", "two words"], "one word"),
+        ([*c5, "--concept_name", "../../x"], r"contains '\.\.'"),
+        ([*c5, "--concept_name", "a/b"], "path or control characters"),
+        ([*c5, "--concept_name", "<b>x</b>"], "characters that are not allowed"),
+        ([*c5, "--trigger", "two words"], "one word"),
         (["--instance_data_dir", one], "has 1 image: a concept is learned from 3–20 images"),
         (["--instance_data_dir", many], "has 200 images: a concept is learned from 3–20 images"),
     ]
-    for args, message in cases:
+    # found with the models loaded or during training: through `accelerate launch`, as a user runs it
+    launched = [
+        (["--instance_data_dir", concept(4) / "train"], "already has a concept named.*--overwrite_concept"),
+        ([*c5, "--share_path", tmp_path / "other.safetensors"], "another base model"),
+        ([*c5, "--learning_rate", "1e30"], "loss became (nan|inf).*not touched"),
+    ]
+    script = _script(monkeypatch)
+    for args, message, through_launcher in [(*case, False) for case in before_models] + [(*case, True) for case in launched]:
         if "--share_path" not in args:
             args = args + ["--share_path", share]
         progress = tmp_path / "progress.json"
         progress.unlink(missing_ok=True)
-        result = launch(*args, "--output_dir", tmp_path / "bad", "--progress_file", progress, *FAST, check=False)
-        assert result.returncode != 0, args
-        assert re.search(message, result.stdout + result.stderr, re.S), (message, (result.stdout + result.stderr)[-2000:])
+        args = [*args, "--output_dir", tmp_path / "bad", "--progress_file", progress, *FAST]
+        if through_launcher:
+            result = launch(*args, check=False)
+            assert result.returncode != 0, args
+            said = result.stdout + result.stderr
+        else:
+            with pytest.raises(SystemExit) as error:
+                script.main(script.parse_args(["--pretrained_model_name_or_path", str(BASE), *map(str, args)]))
+            said = str(error.value)
+        assert re.search(message, said, re.S), (message, said[-2000:])
         assert share.read_bytes() == original
         failure = json.loads(progress.read_text())  # what the web UI shows: the failure travels in the progress file
         assert failure["status"] == "failed" and re.search(message, failure["error"], re.S), failure
