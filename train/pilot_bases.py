@@ -367,6 +367,7 @@ def pilot(args) -> None:
 # where a silhouette is drawn; the other recipes reach it (convolutions) or change everything.
 REACH = {
     "lora-attn": dict(kind="lora", targets=["to_q", "to_k", "to_v", "to_out.0"], steps=400, lr=3e-3),
+    "lora-attn-2000": dict(kind="lora", targets=["to_q", "to_k", "to_v", "to_out.0"], steps=2000, lr=3e-3),
     "lora-attn-conv": dict(kind="lora", targets=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"], steps=400, lr=3e-3),
     "full-unet": dict(kind="full", steps=1500, lr=1e-4),
 }

@@ -27,6 +27,26 @@ def pct(x) -> str:
     return "–" if x is None else f"{x:.2f}"
 
 
+def reach_table(reach: dict) -> list[str]:
+    """Which adapter draws the concepts on a base: `train/pilot_bases.py reach`."""
+    lines = []
+    for base, recipes in reach.items():
+        lines += ["", f"## Adapter reach on {base}", "",
+                  "The same 5 training renders, batch size and seed as the reference LoRA; only what the adapter may change differs.",
+                  "Generated identity on held-out prompts (the classifier above).", "",
+                  "| recipe | what it trains | steps, lr | identity mean | per concept | train s / concept | command |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, r in recipes.items():
+            recipe = r["recipe"]
+            trains = f"rank-4 LoRA on {', '.join(recipe['targets'])}" if recipe["kind"] == "lora" else "every UNet weight"
+            per = ", ".join(f"{k}: {v:.2f}" for k, v in r["per_concept"].items())
+            seconds = sum(s["train"] for s in r["seconds"]) / len(r["seconds"])
+            lines.append(f"| {name} | {trains} | {recipe['steps']}, {recipe['lr']:g} | {pct(r['mean'])} | {per} "
+                         f"({r.get('images_per_concept', '?')} images each) | {seconds:.0f} | `{r['command']}` |")
+        lines += [""] + [f"![{name}](reach-{base}-{name}.png)" for name in recipes if (RESULTS.parent / f"reach-{base}-{name}.png").exists()]
+    return lines
+
+
 def main() -> None:
     data = json.loads(RESULTS.read_text())
     c = data.get("classifier", {})
@@ -55,7 +75,8 @@ def main() -> None:
             plus = "6000 × 32 + " if cfg.get("init_from") else ""
             steps = f"{plus}{pre['steps']} × {cfg.get('batch_size')} / {pre['denoiser_seconds'] / 60:.1f}"
         else:
-            steps = "6000 × 32 / 38 (2 threads, README)" if cfg.get("base") else "(not finished)"
+            planned = f"(not finished: {cfg.get('steps')} × {cfg.get('batch_size')} planned)"
+            steps = "6000 × 32 / 38 (2 threads, README)" if cfg.get("base") else planned
         q = p.get("base_quality", {})
         quality = " / ".join(pct(q.get(k)) for k in ("shape", "colour", "background", "position"))
         u, lora = p.get("untrained_identity", {}), p.get("lora_identity", {})
@@ -66,7 +87,8 @@ def main() -> None:
     lines += [f"- {name}: `{p['command']}`" for name, p in data.get("pilots", {}).items()]
     lines += ["", "Grids, one row per concept: 3 training renders · 6 images the reference LoRA generates from",
               "held-out prompts · 2 images the untrained base generates from the same prompts.", ""]
-    lines += [f"![{name}](pilot-bases-{name}.png)" for name in data.get("pilots", {})]
+    lines += [f"![{name}](pilot-bases-{name}.png)" for name in data.get("pilots", {}) if (RESULTS.parent / f"pilot-bases-{name}.png").exists()]
+    lines += reach_table(data.get("reach", {}))
     out = RESULTS.parent / "pilot-bases.md"
     kept = out.read_text().partition("\n## Findings")[2] if out.exists() else ""  # hand-written, kept
     out.write_text("\n".join(lines) + "\n" + ("\n## Findings" + kept if kept else ""))
