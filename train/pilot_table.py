@@ -33,7 +33,8 @@ def reach_table(reach: dict) -> list[str]:
     for base, recipes in reach.items():
         lines += ["", f"## Adapter reach on {base}", "",
                   "The same 5 training renders, batch size and seed as the reference LoRA; only what the adapter may change differs.",
-                  "Generated identity on held-out prompts (the classifier above).", "",
+                  "Generated identity on held-out prompts (the classifier above). Grids, one row per concept: 3 training renders ·",
+                  "8 images the trained adapter draws from held-out prompts (their own backgrounds and positions).", "",
                   "| recipe | what it trains | steps, lr | identity mean | per concept | train s / concept | command |",
                   "|---|---|---|---|---|---|---|"]
         for name, r in recipes.items():
