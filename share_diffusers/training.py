@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,7 +168,6 @@ def denoising_loss(unet, noise_scheduler, latents, encoder_hidden_states, num_cl
 LOSS_TIMESTEPS = tuple(range(50, 1000, 100))  # 50, 150, ..., 950: the fixed timesteps of heldout_loss
 
 
-@torch.no_grad()
 def heldout_loss(pipe, images, captions: list[str], seed: int = 0, timesteps=LOSS_TIMESTEPS,
                  cross_attention_kwargs: dict | None = None) -> float:
     """Mean denoising MSE of the pipeline on (images, captions), with fixed timesteps and noises.
@@ -176,8 +176,15 @@ def heldout_loss(pipe, images, captions: list[str], seed: int = 0, timesteps=LOS
     better. Everything random is fixed by `seed`, so two adapters are compared on identical
     problems and a repeated call returns the same number.
     """
+    return float(heldout_losses(pipe, images, captions, seed, timesteps, cross_attention_kwargs).mean())
+
+
+@torch.no_grad()
+def heldout_losses(pipe, images, captions: list[str], seed: int = 0, timesteps=LOSS_TIMESTEPS,
+                   cross_attention_kwargs: dict | None = None) -> np.ndarray:
+    """`heldout_loss` image by image: one mean MSE per image (same noises, so their mean is it)."""
     if getattr(pipe, "transformer", None) is not None:  # SD3, Flux
-        return FlowMatching(pipe).heldout_loss(images, captions, seed, timesteps, cross_attention_kwargs)
+        return FlowMatching(pipe).heldout_losses(images, captions, seed, timesteps, cross_attention_kwargs)
     device = pipe.unet.device
     pixels = VaeImageProcessor(do_resize=False).preprocess([im.convert("RGB") for im in images])
     latents = pipe.vae.encode(pixels.to(device, pipe.vae.dtype)).latent_dist.mean
@@ -195,8 +202,12 @@ def heldout_loss(pipe, images, captions: list[str], seed: int = 0, timesteps=LOS
             target = noise
         noisy = noise_scheduler.add_noise(latents, noise, t)
         prediction = pipe.unet(noisy, t, text, cross_attention_kwargs=cross_attention_kwargs).sample
-        losses.append(F.mse_loss(prediction.float(), target.float()).item())
-    return float(np.mean(losses))
+        losses.append(per_image_mse(prediction, target))
+    return np.mean(losses, axis=0)
+
+
+def per_image_mse(prediction: torch.Tensor, target: torch.Tensor) -> np.ndarray:
+    return (prediction.float() - target.float()).pow(2).flatten(1).double().mean(1).cpu().numpy()
 
 
 class FlowMatching:
@@ -264,8 +275,8 @@ class FlowMatching:
         return loss
 
     @torch.no_grad()
-    def heldout_loss(self, images, captions: list[str], seed: int = 0, timesteps=None, joint_attention_kwargs=None) -> float:
-        """`heldout_loss` for transformer pipelines: the velocity MSE at fixed σ = t / 1000 and fixed noises."""
+    def heldout_losses(self, images, captions: list[str], seed: int = 0, timesteps=None, joint_attention_kwargs=None) -> np.ndarray:
+        """`heldout_losses` for transformer pipelines: the velocity MSE at fixed σ = t / 1000 and fixed noises."""
         device = self.pipe.transformer.device
         pixels = VaeImageProcessor(do_resize=False).preprocess([im.convert("RGB") for im in images])
         latents = self.latents(self.pipe.vae.encode(pixels.to(device, self.pipe.vae.dtype)).latent_dist.mean)
@@ -277,8 +288,8 @@ class FlowMatching:
             sigmas = torch.full((len(latents),), t / 1000, device=device, dtype=latents.dtype)
             s = sigmas.view(-1, 1, 1, 1)
             pred = self.predict(self.pipe.transformer, (1 - s) * latents + s * noise, sigmas, text, joint_attention_kwargs)
-            losses.append(F.mse_loss(pred.float(), (noise - latents).float()).item())
-        return float(np.mean(losses))
+            losses.append(per_image_mse(pred, noise - latents))
+        return np.mean(losses, axis=0)
 
 
 def encode_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
@@ -295,13 +306,15 @@ def steps_per_epoch(num_batches: int, accumulation: int) -> int:
 
 
 def train_in_process(pipe, params: list[torch.nn.Parameter], examples: list[Example], steps: int, lr: float,
-                     batch_size: int = 4, seed: int = 0, center_crop: bool = True, max_grad_norm: float = 1.0) -> None:
+                     batch_size: int = 4, seed: int = 0, center_crop: bool = True, max_grad_norm: float = 1.0,
+                     penalty: Callable[[], torch.Tensor] | None = None) -> None:
     """A few hundred steps of ``params`` on ``pipe``'s UNet, in this process, without Accelerate.
 
     For trainings that run inside another program: the LoRA baselines of the benchmarks and the
     post-merge fine-tune of ``learn_concept.py`` (on its main process only, after the distributed
     part). The data pipeline, loss, optimizer and clipping are ``learn_concept.py``'s; every random
-    draw comes from ``seed``, so a rerun gives the same result.
+    draw comes from ``seed``, so a rerun gives the same result. ``penalty()``, if given, is added to
+    every step's loss (a regulariser of the trained parameters, e.g. C-LoRA's).
     """
     dataset = ConceptDataset(examples, pipe.unet.config.sample_size * pipe.vae_scale_factor, center_crop=center_crop, seed=seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate,
@@ -316,7 +329,8 @@ def train_in_process(pipe, params: list[torch.nn.Parameter], examples: list[Exam
             with torch.no_grad():
                 latents = latent_dist(pipe.vae, batch["pixel_values"]).sample(generator) * pipe.vae.config.scaling_factor
                 text = encode_text(pipe.tokenizer, pipe.text_encoder, batch["captions"])
-            denoising_loss(pipe.unet, noise_scheduler, latents, text, generator=generator).backward()
+            loss = denoising_loss(pipe.unet, noise_scheduler, latents, text, generator=generator)
+            (loss if penalty is None else loss + penalty()).backward()
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
             optimizer.zero_grad()

@@ -1,5 +1,6 @@
 """benchmarks/continual.py end to end in its --quick mode (2 concepts, 10 steps): every method runs,
-the outputs are written, and runs of different settings refuse to combine."""
+the outputs are written, a stopped run continues where it was, and runs of different settings
+refuse to combine or continue."""
 
 import json
 
@@ -17,7 +18,7 @@ def quick_run(tmp_path_factory):
 
 def test_quick_run_writes_every_method_and_its_outputs(quick_run):
     out, summary = quick_run
-    assert {p.name for p in out.iterdir()} >= {"continual.json", "continual.md", "continual.png"}
+    assert {p.name for p in out.iterdir()} >= {"continual.json", "continual.md", "continual.png", "continual-curves.png"}
     assert json.loads((out / "continual.json").read_text())["methods"].keys() == set(continual.METHODS)
     for name, r in summary["methods"].items():
         R = np.array(r["R"], dtype=float)
@@ -25,10 +26,38 @@ def test_quick_run_writes_every_method_and_its_outputs(quick_run):
         filled = R[-1] if name == "joint" else R[np.tril_indices(2)]
         assert np.isfinite(filled).all(), name
         assert len(r["identity"]) == 2 and all(0 <= x <= 1 for x in r["identity"]), name
+        assert np.array(r["discriminative"]["confusion"]).sum() == 2 * 2, name  # 2 concepts x 2 images
     share, lora = summary["methods"]["share"], summary["methods"]["lora"]
     assert lora["bytes_per_concept"] / share["bytes_per_concept"] >= 50
     assert abs(share["forgetting"]) < 1e-3  # two rank-1 concepts fit in k <= 16: lossless merges
+    assert np.isfinite(share["all_active_score"])
     assert "within their 95% sampling interval at 2 images" in (out / "continual.md").read_text()
+
+
+def test_a_stopped_run_continues_where_it_was(tmp_path, monkeypatch):
+    """Stopped while learning the second concept: the restarted run learns only the second, from
+    the first one's checkpoint, and gets the uninterrupted run's numbers."""
+    args = ["--quick", "--methods", "naive", "ortho", "--identity_concepts", "0", "--images", "0"]
+    whole = continual.main([*args, "--out", str(tmp_path / "whole")])
+    for method in ("naive", "ortho"):
+        learn = continual.LEARNERS[method].learn
+
+        def stop_at_the_second(self, i, concept, learn=learn):
+            if i == 1:
+                raise KeyboardInterrupt
+            learn(self, i, concept)
+
+        monkeypatch.setattr(continual.LEARNERS[method], "learn", stop_at_the_second)
+        with pytest.raises(KeyboardInterrupt):
+            continual.main(["--quick", "--methods", method, *args[4:], "--out", str(tmp_path / "stopped")])
+        monkeypatch.undo()
+        assert len(json.loads((tmp_path / "stopped" / method / "progress.json").read_text())["R_loss"]) == 1
+    resumed = continual.main([*args, "--out", str(tmp_path / "stopped")])
+    for method in ("naive", "ortho"):
+        np.testing.assert_allclose(*(np.array(run["methods"][method]["R_loss"], dtype=float) for run in (resumed, whole)),
+                                   rtol=1e-6, err_msg=method)
+    with pytest.raises(SystemExit, match="other settings"):
+        continual.main([*args, "--seed", "1", "--out", str(tmp_path / "stopped")])
 
 
 def test_runs_of_different_settings_do_not_combine(quick_run, tmp_path):
@@ -49,3 +78,14 @@ def test_compare_reports_per_concept_identity_gaps(quick_run, capsys):
     assert "of 2 within 5 points" in printed
     with pytest.raises(SystemExit, match="no method 'bogus'"):
         continual.main(["--compare", f"{out}:share", f"{out}:bogus"])
+
+
+def test_scores_use_the_stored_references_or_else_the_runs_independent_loras():
+    summary = {"base_losses": [1.0, 1.0], "stored_reference_losses": [0.5, None],
+               "methods": {"lora": {"R_loss": [[0.8, None], [0.8, 0.6]]}, "naive": {"R_loss": [[0.8, None], [0.9, 0.6]]}}}
+    scored = continual.scored(json.loads(json.dumps(summary)))["methods"]
+    assert np.diag(scored["lora"]["R"]) == pytest.approx([1.0, 1.0])  # a concept lacks a reference: the run's LoRAs
+    assert scored["naive"]["R"][1] == pytest.approx([0.5, 1.0])
+    assert scored["naive"]["forgetting"] == pytest.approx(0.5)
+    summary["stored_reference_losses"] = [0.5, 0.5]
+    assert continual.scored(summary)["methods"]["lora"]["R"][1] == pytest.approx([0.4, 0.8])

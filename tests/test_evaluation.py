@@ -144,3 +144,41 @@ def test_classifier_names_fresh_renders(classifier):
             truth.append(folder.name)
     accuracy = np.mean([p == t for p, t in zip(classifier.predict(renders), truth)])
     assert accuracy >= 0.95
+
+
+def test_discriminative_identity_of_known_adapters_is_their_diagonal(concepts):
+    """Each concept's reference LoRA, selected in turn: every held-out image is recognised."""
+    pipe = load_base()
+    for i, c in enumerate(concepts):
+        pipe.load_lora_weights(c.reference_lora, adapter_name=f"c{i}")
+    result = evaluation.discriminative_identity(pipe, concepts, lambda c: pipe.set_adapters([f"c{c}"]), images=5)
+    assert result["confusion"] == [[5, 0], [0, 5]]
+    assert result["accuracy"] == 1.0 and result["per_concept"] == [1.0, 1.0]
+
+
+def test_discriminative_identity_of_a_base_that_ignores_the_trigger_is_chance(concepts):
+    """Both trigger words given one embedding: every candidate explains an image equally well, the
+    argmin falls on the first candidate, and the accuracy is exactly 1 / number of concepts."""
+    pipe = load_base()
+    ids = [pipe.tokenizer.convert_tokens_to_ids(c.trigger + "</w>") for c in concepts]
+    embeddings = pipe.text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        embeddings[ids[1]] = embeddings[ids[0]]
+    result = evaluation.discriminative_identity(pipe, concepts, lambda c: None, images=5)
+    assert result["confusion"] == [[5, 0], [5, 0]]
+    assert result["accuracy"] == 0.5
+
+
+def test_continual_metrics_skip_rows_not_measured():
+    """A long run scores the old concepts only every few concepts: NaN rows are left out of the
+    maxima and the curves, and a matrix without its diagonal is refused."""
+    nan = np.nan
+    R = np.array([[1.0, nan, nan], [nan, 0.9, nan], [0.5, 0.7, 1.0]])
+    metrics = evaluation.continual_metrics(R)
+    assert metrics["forgetting"] == pytest.approx(((1.0 - 0.5) + (0.9 - 0.7)) / 2)
+    assert np.isnan(metrics["forward_transfer"])
+    curves = evaluation.continual_curves(R)
+    assert curves["concepts_learned"] == [1, 3]
+    assert curves["average_score"] == pytest.approx([1.0, (0.5 + 0.7 + 1.0) / 3])
+    with pytest.raises(ValueError, match="diagonal and last row"):
+        evaluation.continual_metrics([[nan, nan], [0.5, 1.0]])

@@ -25,7 +25,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from share_diffusers.training import heldout_loss
+from share_diffusers.training import heldout_loss, heldout_losses
 
 from . import CLASSIFIER, world
 
@@ -215,21 +215,65 @@ def continual_metrics(R) -> dict[str, float]:
     - forgetting         mean_{j<T-1} (max_{j<=l<T-1} R[l, j] - a_j); >= 0
     - forward_transfer   mean_{j>0} R[j-1, j], the score on a concept before learning it (the
                          base model scores 0 by construction of the normalised score)
-    Entries above the diagonal are used only by forward_transfer.
+    Entries not measured are NaN (a long run scores every old concept only every few concepts):
+    the diagonal and the last row must be measured, the maxima run over what was; forward transfer
+    is NaN unless the entries above the diagonal were measured.
     """
     R = np.asarray(R, dtype=float)
     T = len(R)
     if R.shape != (T, T) or T == 0:
         raise ValueError(f"R must be a non-empty square matrix, got shape {R.shape}")
     final, learned = R[-1], np.diag(R)
+    if np.isnan(final).any() or np.isnan(learned).any():
+        raise ValueError("R's diagonal and last row must be measured (no NaN)")
     old = range(T - 1)
+    above = [R[j - 1, j] for j in range(1, T)]
     return {
         "average_score": float(final.mean()),
         "plasticity": float(learned.mean()),
         "backward_transfer": float(np.mean([final[j] - learned[j] for j in old])) if T > 1 else 0.0,
-        "forgetting": float(np.mean([R[j:T - 1, j].max() - final[j] for j in old])) if T > 1 else 0.0,
-        "forward_transfer": float(np.mean([R[j - 1, j] for j in range(1, T)])) if T > 1 else 0.0,
+        "forgetting": float(np.mean([np.nanmax(R[j:T - 1, j]) - final[j] for j in old])) if T > 1 else 0.0,
+        "forward_transfer": (float(np.mean(above)) if not np.isnan(above).any() else float("nan")) if T > 1 else 0.0,
     }
+
+
+def continual_curves(R) -> dict[str, list]:
+    """Average score and forgetting after each measured row of R (its last entry is
+    `continual_metrics`'): how they move as concepts accumulate. Rows with a NaN below the
+    diagonal (not measured) are left out."""
+    R = np.asarray(R, dtype=float)
+    learned, average, forgetting = [], [], []
+    for i in range(len(R)):
+        if np.isnan(R[i, : i + 1]).any():
+            continue
+        metrics = continual_metrics(R[: i + 1, : i + 1])
+        learned.append(i + 1)
+        average.append(metrics["average_score"])
+        forgetting.append(metrics["forgetting"])
+    return {"concepts_learned": learned, "average_score": average, "forgetting": forgetting}
+
+
+def discriminative_identity(pipe, concepts: list[world.ConceptFolder], select, images: int = 20) -> dict:
+    """Which learned concept explains a held-out image best: identity without generating.
+
+    For each held-out image of concept j and each candidate concept c: the denoising loss with c
+    selected (``select(c)``, the method's own way; a no-op for one merged model) and the caption's
+    trigger replaced by c's. The image is recognised when the argmin is j. Returns the accuracy,
+    the confusion matrix (rows: true concept, columns: argmin; counts of images) and per-concept
+    accuracy. A model that ignores triggers and selections scores about 1 / len(concepts).
+    """
+    samples = [(j, s) for j, c in enumerate(concepts) for s in c.heldout[:images]]
+    losses = np.empty((len(concepts), len(samples)))
+    for c, candidate in enumerate(concepts):
+        select(c)
+        captions = [s.caption.replace(concepts[j].trigger, candidate.trigger) for j, s in samples]
+        losses[c] = heldout_losses(pipe, [s.image for _, s in samples], captions, seed=0)
+    truth = np.array([j for j, _ in samples])
+    guess = losses.argmin(axis=0)
+    confusion = np.zeros((len(concepts), len(concepts)), dtype=int)
+    np.add.at(confusion, (truth, guess), 1)
+    return {"accuracy": float((guess == truth).mean()), "confusion": confusion.tolist(),
+            "per_concept": (confusion.diagonal() / confusion.sum(axis=1)).tolist()}
 
 
 # --------------------------------------------------------------------------- damage to the base model
