@@ -95,6 +95,8 @@ def parse_args(argv=None):
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "continual"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--references", metavar="DIR",
+                   help="score 1 = the independent LoRAs of this other run (its --out) for concepts without a stored reference")
     p.add_argument("--combine", nargs="+", metavar="DIR",
                    help="no training: merge runs of different methods (their --out or continual.json; e.g. run in parallel) into --out")
     p.add_argument("--compare", nargs=2, metavar="RUN:METHOD",
@@ -497,10 +499,22 @@ def main(argv=None) -> dict:
         results[method] = run_method(method, args, concepts, lrs[LR_FAMILY[method]], out / method, drift_references)
     summary = {**settings(args, concepts), "images": args.images, "identity_images": args.identity_images, "eval_every": args.eval_every,
                "sample_steps": args.sample_steps, "drift_prompts": args.drift_prompts,
-               "base_losses": base_losses, "stored_reference_losses": [c.metadata.get("evaluation", {}).get("reference_loss") for c in concepts],
+               "base_losses": base_losses, "stored_reference_losses": reference_losses(concepts, args.references),
                "lr_sweeps": sweeps, "methods": results, "hardware": hardware(),
                "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))}
     return write_results(summary, out)
+
+
+def reference_losses(concepts, other_run: str | None) -> list[float | None]:
+    """Each concept's stored reference loss, else the loss of its independent LoRA in ``other_run``."""
+    measured = {}
+    if other_run:
+        progress_file = Path(other_run) / "lora" / "progress.json"
+        if not progress_file.is_file():
+            raise SystemExit(f"--references: {other_run} has no independent-LoRA run ({progress_file} is missing)")
+        progress = json.loads(progress_file.read_text())
+        measured = {name: row[i] for i, (name, row) in enumerate(zip(progress["settings"]["concepts"], progress["R_loss"]))}
+    return [c.metadata.get("evaluation", {}).get("reference_loss", measured.get(c.name)) for c in concepts]
 
 
 def cached(path: Path, key: dict, compute):

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks import continual
+from benchmarks import continual, fold_loras
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +89,15 @@ def test_scores_use_the_stored_references_or_else_the_runs_independent_loras():
     assert scored["naive"]["forgetting"] == pytest.approx(0.5)
     summary["stored_reference_losses"] = [0.5, 0.5]
     assert continual.scored(summary)["methods"]["lora"]["R"][1] == pytest.approx([0.4, 0.8])
+
+
+def test_fold_loras_keeps_every_lora_when_k_holds_them_all(quick_run, tmp_path):
+    """Two rank-4 LoRAs fit exactly in k = 8 directions (retention 1, no error); k = 2 cannot hold them."""
+    out, _ = quick_run
+    summary = fold_loras.main([str(out), "--ks", "2", "8", "--out", str(tmp_path)])
+    exact, squeezed = summary["results"][8], summary["results"][2]
+    assert max(exact["reconstruction_error"]) < 1e-5
+    assert exact["retention"] == pytest.approx([1.0, 1.0], abs=1e-3)
+    assert min(squeezed["reconstruction_error"]) > 0.1
+    assert summary["recommended_k"] == 8
+    assert (tmp_path / "fold_loras.md").read_text().count("× smaller") == 2
