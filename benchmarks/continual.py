@@ -355,15 +355,15 @@ class JointLora(Learner):
 
     def learn(self, i, concept):
         self.seen.append(concept)
-        if len(self.seen) == self.total:
-            self.train("joint", self.seen, steps=self.args.steps * self.total)
-            save_file(get_peft_model_state_dict(self.unet, adapter_name="joint"), self.checkpoint(self.total))
+        if len(self.seen) == self.args.concepts:
+            self.train("joint", self.seen, steps=self.args.steps * self.args.concepts)
+            save_file(get_peft_model_state_dict(self.unet, adapter_name="joint"), self.checkpoint(self.args.concepts))
 
     def restore(self, concepts):
         self.seen = list(concepts)
-        if len(concepts) == self.total:
+        if len(concepts) == self.args.concepts:
             baselines.add_lora(self.unet, "joint", self.args.lora_rank, self.args.seed)
-            set_peft_model_state_dict(self.unet, load_file(self.checkpoint(self.total)), adapter_name="joint")
+            set_peft_model_state_dict(self.unet, load_file(self.checkpoint(self.args.concepts)), adapter_name="joint")
 
     def stats(self, T):
         n = self.lora_params("joint")
@@ -398,7 +398,6 @@ def run_method(method: str, args, concepts, lr: float, folder: Path, drift_refer
     state's metrics. Progress is written to ``folder/progress.json`` after every concept."""
     T = len(concepts)
     learner = LEARNERS[method](args, lr, folder)
-    learner.total = T
     progress_file = folder / "progress.json"
     expected = dict(settings(args, concepts), lr=lr)
     progress = json.loads(progress_file.read_text()) if progress_file.exists() else {"settings": expected, "R_loss": [], "wall_s": []}
@@ -487,6 +486,11 @@ def main(argv=None) -> dict:
     if len(concepts) < args.concepts:
         raise SystemExit(f"--concepts {args.concepts}, but {args.concepts_dir} holds {len(concepts)} concept folders "
                          f"(make more with: python train/make_concepts.py --count {args.concepts} --output DIR)")
+    references = reference_losses(concepts, args.references)
+    if None in references and "lora" not in args.methods:
+        missing = [c.name for c, r in zip(concepts, references) if r is None]
+        raise SystemExit(f"no reference loss (score 1) for {len(missing)} concepts ({', '.join(missing[:3])}, …): "
+                         "add --methods lora, or take them from another run's with --references DIR")
     base_losses = cached(out / "base_losses.json", settings(args, concepts),
                          lambda: [concept_loss(load_base(args.base), c, args.heldout_images) for c in concepts])
     lrs, sweeps = cached(out / "learning_rates.json", dict(settings(args, concepts), lrs=args.lrs, lr=args.lr),
@@ -499,7 +503,7 @@ def main(argv=None) -> dict:
         results[method] = run_method(method, args, concepts, lrs[LR_FAMILY[method]], out / method, drift_references)
     summary = {**settings(args, concepts), "images": args.images, "identity_images": args.identity_images, "eval_every": args.eval_every,
                "sample_steps": args.sample_steps, "drift_prompts": args.drift_prompts,
-               "base_losses": base_losses, "stored_reference_losses": reference_losses(concepts, args.references),
+               "base_losses": base_losses, "stored_reference_losses": references,
                "lr_sweeps": sweeps, "methods": results, "hardware": hardware(),
                "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))}
     return write_results(summary, out)

@@ -34,11 +34,11 @@ def test_quick_run_writes_every_method_and_its_outputs(quick_run):
     assert "within their 95% sampling interval at 2 images" in (out / "continual.md").read_text()
 
 
-def test_a_stopped_run_continues_where_it_was(tmp_path, monkeypatch):
+def test_a_stopped_run_continues_where_it_was(quick_run, tmp_path, monkeypatch):
     """Stopped while learning the second concept: the restarted run learns only the second, from
     the first one's checkpoint, and gets the uninterrupted run's numbers."""
+    _, whole = quick_run
     args = ["--quick", "--methods", "naive", "ortho", "--identity_concepts", "0", "--images", "0"]
-    whole = continual.main([*args, "--out", str(tmp_path / "whole")])
     for method in ("naive", "ortho"):
         learn = continual.LEARNERS[method].learn
 
