@@ -122,6 +122,7 @@ def plot(summary: dict, path: Path) -> None:
     ax.axhline(summary["target"], color="grey", lw=0.5, ls="--")
     ax.set(xscale="log", xlabel="basis rank k", ylabel="retention (score / its LoRA's)",
            title=f"{len(summary['concepts'])} LoRAs folded into one file")
+    ax.minorticks_off()
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.legend(fontsize=8)
     fig.tight_layout()
