@@ -8,8 +8,10 @@ a fused model...), so one set of metrics serves the tests, the benchmarks and ev
 - What generated images show: a small CNN trained from scratch on renders names the object
   (`identity_accuracy`, base-shape accuracy); analytic checks read the background colour, the
   object's colour and its position.
-- Continual learning: `continual_metrics` of the matrix R[i, j] = score on concept j after
-  learning concept i.
+- Which concept an image shows, without generating: `discriminative_identity` (the argmin of
+  the held-out loss over every learned concept's selection and trigger; confusion matrix).
+- Continual learning: `continual_metrics` and `continual_curves` of the matrix R[i, j] = score
+  on concept j after learning concept i.
 - Damage to the base model: `drift` on prompts that mention no concept, and `base_quality`.
 """
 
