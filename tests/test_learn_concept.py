@@ -454,3 +454,45 @@ def test_push_to_hub_uploads_the_share_file_card_report_and_images_in_one_commit
     args.hub_model_id = "org/concepts"
     script.push_to_hub(args, {"lora_path": str(share)})  # --no_merge: the LoRA file instead
     assert calls[0][1] == "org/concepts" and set(calls[1][2]) == {"pytorch_lora_weights.safetensors", "validation_0.png"}
+
+
+def test_the_post_merge_fine_tune_moves_only_the_new_concepts_unet_coefficients(monkeypatch):
+    """--finetune_after_merge_steps: the merged basis and every earlier concept stay bit-identical; only
+    the new concept's UNet coefficients train; the pipeline is left as it was (no trainer attached)."""
+    from argparse import Namespace
+
+    from diffusers import StableDiffusionPipeline
+
+    from share_diffusers import ShareState
+    from share_diffusers.training import read_instance_images
+
+    script = _script(monkeypatch)
+    pipe = StableDiffusionPipeline.from_pretrained(BASE, local_files_only=True)
+    g = torch.Generator().manual_seed(0)
+
+    def concept_factors():
+        return {name: (0.05 * torch.randn(n, 1, generator=g), 0.05 * torch.randn(d, 1, generator=g))
+                for name, (n, d) in pipeline_shapes(pipe).items()}
+
+    old, _ = ShareState.empty(pipeline_shapes(pipe)).merge({"old": concept_factors()})
+    merged, _ = old.merge({"new": concept_factors()})
+    before = {name: (layer.U.clone(), layer.V.clone(), layer.B.clone(), layer.A.clone()) for name, layer in merged.layers.items()}
+    latents = torch.randn(1, 4, 16, 16, generator=g)
+    ids = pipe.tokenizer(["a red circle"], padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+    with torch.no_grad():
+        reference = pipe.unet(latents, 500, pipe.text_encoder(ids)[0]).sample
+
+    args = Namespace(concept_name="new", seed=0, finetune_after_merge_steps=3, learning_rate=1e-2, train_batch_size=2, max_grad_norm=1.0)
+    tuned = script.finetune_after_merge(args, pipe, merged, read_instance_images(concept(0) / "train", "a photo of sks"))
+
+    for name, layer in tuned.layers.items():
+        U, V, B, A = before[name]
+        assert torch.equal(layer.U, U) and torch.equal(layer.V, V), name  # the basis is frozen
+        assert torch.equal(layer.B[0], B[0]) and torch.equal(layer.A[0], A[0]), name  # so is the earlier concept
+        change = (layer.B[1] @ layer.A[1].T - B[1] @ A[1].T).abs().max().item()
+        if name.startswith("unet."):
+            assert change > 0, f"{name}: the new concept's coefficients did not train"
+        else:
+            assert change == 0, f"{name}: the text encoder is not fine-tuned after the merge, yet changed by {change}"
+    with torch.no_grad():
+        assert torch.equal(pipe.unet(latents, 500, pipe.text_encoder(ids)[0]).sample, reference)
