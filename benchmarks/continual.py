@@ -182,6 +182,7 @@ class ShareLearner(Learner):
                    "--concept_name", concept.name, "--output_dir", str(self.folder / "runs" / concept.name),
                    "--max_train_steps", str(self.args.steps), "--train_batch_size", str(self.args.batch_size),
                    "--learning_rate", str(self.lr), "--center_crop", "--report_to", "none", "--num_validation_images", "1",
+                   "--num_heldout_images", "0",  # held-out losses are this benchmark's own measurement
                    "--seed", str(self.args.seed), *self.args.share_args.split()]
             result = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
             if result.returncode:

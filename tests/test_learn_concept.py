@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "assets" / "tiny-base"
 CONCEPTS = ROOT / "assets" / "concepts"
 SCRIPT = ROOT / "train" / "learn_concept.py"
-FAST = ["--max_train_steps", "4", "--train_batch_size", "2", "--num_validation_images", "1", "--report_to", "none"]
+FAST = ["--max_train_steps", "4", "--train_batch_size", "2", "--num_validation_images", "1", "--num_heldout_images", "2",
+        "--report_to", "none"]
 
 
 def launch(*args, processes=1, check=True, timeout=300, cwd=None, env=None, **popen):
@@ -85,7 +86,7 @@ def test_a_second_concept_changes_the_first_only_by_re_projection(tmp_path):
 
 def test_resume_from_a_checkpoint_continues_the_same_run(tmp_path):
     args = ["--max_train_steps", "6", "--checkpointing_steps", "4", "--train_batch_size", "2", "--random_flip",
-            "--report_to", "none", "--num_validation_images", "1"]
+            "--report_to", "none", "--num_validation_images", "1", "--num_heldout_images", "2"]
     folder = concept(2) / "train"
     launch("--instance_data_dir", folder, "--share_path", tmp_path / "full.safetensors", "--output_dir", tmp_path / "full", *args)
     (tmp_path / "resumed").mkdir()
@@ -402,6 +403,7 @@ def test_flag_errors_are_clear_and_come_before_any_model_loads(tmp_path, monkeyp
               "--output_dir", str(tmp_path / "out"), "--report_to", "none"]
     for flags, message in [
         (["--use_8bit_adam"], "--use_8bit_adam needs bitsandbytes.*pip install bitsandbytes"),
+        (["--num_heldout_images", "-1"], "--num_heldout_images must be 0 or more, got -1"),
         (["--push_to_hub"], "--push_to_hub needs the network, but HF_HUB_OFFLINE is set"),
         (["--pre_compute_text_embeddings", "--train_text_encoder"], "cannot be combined with --train_text_encoder"),
         (["--validation_images", str(tmp_path / "junk.png")], "--validation_images: .*junk.png is not a readable image"),

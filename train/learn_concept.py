@@ -88,6 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--instance_data_dir", default=None, help="Folder of 3–20 images (+ optional <image>.txt captions). Default: a demo concept.")
     a("--instance_prompt", default=None, help="Caption for images without a .txt file, e.g. 'a photo of sks dog'.")
     a("--heldout_data_dir", default=None, help="Held-out images (+captions) of the concept, for the report's loss.")
+    a("--num_heldout_images", type=int, default=None,
+      help="Measure the report's held-out loss on at most this many of those images (default: all; 0: no held-out loss).")
     a("--heldout_from_file", action="store_true",
       help="Also measure the old concepts' held-out loss from the held-out folders stored in the Share file "
            "(folders that are gone are skipped; without this flag no folder named by the file is read).")
@@ -271,6 +273,7 @@ def learn(args) -> dict | None:
         examples = read_instance_images(args.instance_data_dir, args.instance_prompt)
         check_image_count(len(examples), args.instance_data_dir)
         heldout = read_instance_images(args.heldout_data_dir, args.instance_prompt) if args.heldout_data_dir else []
+        heldout = heldout[: args.num_heldout_images]
         validation_images = read_validation_images(args.validation_images)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
@@ -314,6 +317,8 @@ def learn(args) -> dict | None:
 
 def check_flags(args) -> None:
     """Flag combinations and optional packages, checked before any model is loaded (names as in train_dreambooth_lora.py)."""
+    if args.num_heldout_images is not None and args.num_heldout_images < 0:
+        fail(f"--num_heldout_images must be 0 or more, got {args.num_heldout_images}.")
     if args.pre_compute_text_embeddings and args.train_text_encoder:
         fail("--pre_compute_text_embeddings cannot be combined with --train_text_encoder (the text encoder's output changes while training).")
     if args.use_8bit_adam:
