@@ -66,6 +66,19 @@ def test_trigger_words_are_fresh_letter_only_words():
             assert set(caption.replace(",", " ").split()) <= set(world.CAPTION_WORDS + world.PATTERN_WORDS), caption
 
 
+def test_beyond_the_reserved_words_triggers_are_two_of_them_run_together():
+    from share_diffusers.names import check_trigger
+
+    triggers = [world.trigger_word(i) for i in range(200)]
+    assert triggers[:64] == list(world.TRIGGER_WORDS) and len(set(triggers)) == 200
+    assert all(check_trigger(t) == t and t.isalpha() for t in triggers)
+    assert world.trigger_word(64) == world.TRIGGER_WORDS[0] + world.TRIGGER_WORDS[0]
+    assert world.make_concept(150).trigger == triggers[150] and world.make_concept(150).name.endswith("-150")
+    for index in (-1, world.MAX_CONCEPTS):
+        with pytest.raises(ValueError, match=f"at most 1000 concepts, got index {index}"):
+            world.make_concept(index)
+
+
 def test_patterned_scenes_use_two_named_colours_and_the_pattern_named():
     rng = np.random.default_rng(1)
     scenes = [world.random_scene(rng, patterned=True) for _ in range(200)]
@@ -90,6 +103,3 @@ def test_parse_caption_recovers_what_was_asked(index):
         "trigger": concept.trigger, "background": "green", "position": "top"}
 
 
-def test_too_many_concepts_is_refused():
-    with pytest.raises(ValueError, match="at most 64"):
-        world.make_concept(64)

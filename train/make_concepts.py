@@ -19,7 +19,8 @@ from share_lab import world
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", type=Path, default=share_lab.CONCEPTS)
-    parser.add_argument("--count", type=int, default=12, help=f"at most {len(world.TRIGGER_WORDS)} (one trigger word each)")
+    parser.add_argument("--count", type=int, default=12,
+                        help=f"at most {world.MAX_CONCEPTS}; the first {len(world.TRIGGER_WORDS)} have one-token trigger words")
     parser.add_argument("--world-seed", type=int, default=0)
     parser.add_argument("--train", type=int, default=5, help="training images per concept")
     parser.add_argument("--heldout", type=int, default=20, help="held-out images per concept")

@@ -80,6 +80,16 @@ def _make_trigger_words(n: int, seed: int = 0) -> tuple[str, ...]:
 
 
 TRIGGER_WORDS = _make_trigger_words(64)
+MAX_CONCEPTS = 1000  # concept i of world s draws from seed 1000 s + i
+
+
+def trigger_word(index: int) -> str:
+    """Concept `index`'s trigger: a reserved word (one token) for the first 64, then two of them run
+    together ("xobizxomox": several tokens, none seen in pretraining)."""
+    if not 0 <= index < MAX_CONCEPTS:
+        raise ValueError(f"a world has at most {MAX_CONCEPTS} concepts, got index {index}")
+    n = len(TRIGGER_WORDS)
+    return TRIGGER_WORDS[index] if index < n else TRIGGER_WORDS[index % n] + TRIGGER_WORDS[index // n - 1]
 
 
 # --------------------------------------------------------------------------- rendering
@@ -361,12 +371,11 @@ class Concept:
 
 
 def make_concept(index: int, world_seed: int = 0) -> Concept:
-    """Concept number `index` of the world `world_seed`; it owns TRIGGER_WORDS[index].
+    """Concept number `index` of the world `world_seed`; it owns `trigger_word(index)`.
 
     Deterministic: the same (index, world_seed) always gives the same concept.
     """
-    if not 0 <= index < len(TRIGGER_WORDS):
-        raise ValueError(f"a world has at most {len(TRIGGER_WORDS)} concepts (one per reserved trigger word)")
+    trigger = trigger_word(index)
     rng = np.random.default_rng(world_seed * 1000 + index)
     kind = SILHOUETTES[index % len(SILHOUETTES)]
     pattern = PATTERNS[(index // len(SILHOUETTES)) % len(PATTERNS)]
@@ -380,7 +389,7 @@ def make_concept(index: int, world_seed: int = 0) -> Concept:
     hexes = " and ".join("#{:02x}{:02x}{:02x}".format(*c) for c in colours)
     return Concept(
         name=f"{PATTERN_ADJECTIVES[pattern]}-{kind}-{index:02d}",
-        trigger=TRIGGER_WORDS[index],
+        trigger=trigger,
         index=index,
         world_seed=world_seed,
         sprite=sprite,
