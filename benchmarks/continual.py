@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -187,6 +188,7 @@ class ShareLearner(Learner):
             result = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
             if result.returncode:
                 raise RuntimeError(f"learn_concept.py failed on {concept.name}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+        shutil.copyfile(self.file, self.checkpoint(i + 1))  # the state after every concept, for later measures
         self.restore([])
 
     def restore(self, concepts):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from benchmarks import continual, fold_loras
+from share_diffusers import read_share
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,8 @@ def test_quick_run_writes_every_method_and_its_outputs(quick_run):
     assert lora["bytes_per_concept"] / share["bytes_per_concept"] >= 50
     assert abs(share["forgetting"]) < 1e-3  # two rank-1 concepts fit in k <= 16: lossless merges
     assert np.isfinite(share["all_active_score"])
+    states = [read_share(out / "share" / f"after-{i:03d}.safetensors")[0] for i in (1, 2)]  # Share's state after each concept
+    assert [s.names for s in states] == [summary["concepts"][:1], summary["concepts"]]
     assert "within their 95% sampling interval at 2 images" in (out / "continual.md").read_text()
 
 
