@@ -173,7 +173,7 @@ class Learner:
 class ShareLearner(Learner):
     def __init__(self, args, lr, folder):
         super().__init__(args, lr, folder)
-        self.file = folder / "share.safetensors"
+        self.file, self.history = folder / "share.safetensors", folder / "history"
         self.names: list[str] = []
 
     def learn(self, i, concept):
@@ -188,7 +188,8 @@ class ShareLearner(Learner):
             result = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
             if result.returncode:
                 raise RuntimeError(f"learn_concept.py failed on {concept.name}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
-        shutil.copyfile(self.file, self.checkpoint(i + 1))  # the state after every concept, for later measures
+        self.history.mkdir(exist_ok=True)  # the state after every concept, for measures made afterwards
+        shutil.copyfile(self.file, self.history / f"after-{i + 1:03d}.safetensors")
         self.restore([])
 
     def restore(self, concepts):

@@ -32,7 +32,7 @@ def test_quick_run_writes_every_method_and_its_outputs(quick_run):
     assert lora["bytes_per_concept"] / share["bytes_per_concept"] >= 50
     assert abs(share["forgetting"]) < 1e-3  # two rank-1 concepts fit in k <= 16: lossless merges
     assert np.isfinite(share["all_active_score"])
-    states = [read_share(out / "share" / f"after-{i:03d}.safetensors")[0] for i in (1, 2)]  # Share's state after each concept
+    states = [read_share(out / "share" / "history" / f"after-{i:03d}.safetensors")[0] for i in (1, 2)]  # Share's state after each concept
     assert [s.names for s in states] == [summary["concepts"][:1], summary["concepts"]]
     assert "within their 95% sampling interval at 2 images" in (out / "continual.md").read_text()
 
