@@ -20,7 +20,8 @@ the same run: the same recipe); held-out losses are kept raw (``R_loss``) and no
 table is written.
 From R: average score, forgetting, backward transfer, and their curves against the number of
 concepts learned. In the final state: discriminative identity (`evaluation.discriminative_identity`,
-no generation), identity accuracy of generated images (the world's classifier, ``--images``), drift
+no generation; for Share also with each concept as it was when learned, from ``share/history/``: the
+identity forgetting), identity accuracy of generated images (the world's classifier, ``--images``), drift
 on prompts without a concept, bytes stored per concept, trainable parameters and wall time.
 Share is also scored with every concept active at once, each picked by its trigger only, the test
 the merged-model peers take. Output: JSON, a markdown table and two PNG plots in ``--out``.
@@ -203,6 +204,12 @@ class ShareLearner(Learner):
 
     def select_all(self) -> None:
         self.pipe.set_share_concepts({name: 1.0 for name in self.names})
+
+    def select_when_learned(self, j: int) -> None:
+        """Concept j as it was right after it was learned (its state in the history), before later merges."""
+        self.pipe.unload_share()
+        self.pipe.load_share(self.history / f"after-{j + 1:03d}.safetensors")
+        self.pipe.set_share_concepts(self.names[j])
 
     def stats(self, T):
         state, header = read_share(self.file)
@@ -439,9 +446,12 @@ def final_metrics(method: str, learner: Learner, concepts, args, drift_reference
     out = learner.stats(len(concepts))
     if args.identity_concepts:
         picked = np.unique(np.linspace(0, len(concepts) - 1, min(args.identity_concepts, len(concepts))).round().astype(int))
-        out["discriminative"] = dict(evaluation.discriminative_identity(
-            learner.pipe, [concepts[j] for j in picked], lambda c: learner.select(int(picked[c])), args.identity_images),
-            concepts=picked.tolist())
+        identity = lambda select: evaluation.discriminative_identity(  # noqa: E731
+            learner.pipe, [concepts[j] for j in picked], lambda c: select(int(picked[c])), args.identity_images)
+        out["discriminative"] = dict(identity(learner.select), concepts=picked.tolist())
+        if method == "share":  # identity forgetting: the same test with each concept as it was when learned
+            out["discriminative_when_learned"] = identity(learner.select_when_learned)
+            learner.restore(concepts)
     if args.images:
         classifier = evaluation.load_identity_classifier()
         out["identity"] = []
@@ -567,6 +577,8 @@ def scored(summary: dict) -> dict:
             r.update(evaluation.continual_metrics(R), curves=evaluation.continual_curves(R))
         if "all_active_loss" in r:
             r["all_active_score"] = float(np.mean(score(r["all_active_loss"])))
+        if "discriminative_when_learned" in r:
+            r["identity_forgetting"] = r["discriminative_when_learned"]["accuracy"] - r["discriminative"]["accuracy"]
     return summary
 
 
@@ -650,6 +662,10 @@ def table(summary: dict) -> str:
         s = m["share"]
         notes.append(f"Share with every concept active at once, each picked by its trigger: average score {f(s['all_active_score'])} "
                      f"(k = {s['k'][0]}–{s['k'][1]} per layer; {s['bytes_per_concept_with_basis']:,.0f} bytes per concept with the basis).")
+        if "identity_forgetting" in s:
+            notes.append(f"Share's identity forgetting: discriminative identity {f(s['discriminative_when_learned']['accuracy'], 2)} with each "
+                         f"concept as it was when learned, {f(s['discriminative']['accuracy'], 2)} at the end "
+                         f"(forgetting {f(s['identity_forgetting'], 2)}).")
         if ref:
             line = f"Share / independent LoRA: average score {s['average_score'] / ref['average_score']:.2f}×"
             if "identity" in s and "identity" in ref:

@@ -34,6 +34,9 @@ def test_quick_run_writes_every_method_and_its_outputs(quick_run):
     assert np.isfinite(share["all_active_score"])
     states = [read_share(out / "share" / "history" / f"after-{i:03d}.safetensors")[0] for i in (1, 2)]  # Share's state after each concept
     assert [s.names for s in states] == [summary["concepts"][:1], summary["concepts"]]
+    # two rank-1 concepts in k <= 16: the last merge moved nothing, so the same identity when learned and at the end
+    assert share["discriminative_when_learned"]["confusion"] == share["discriminative"]["confusion"]
+    assert share["identity_forgetting"] == 0
     assert "within their 95% sampling interval at 2 images" in (out / "continual.md").read_text()
 
 
