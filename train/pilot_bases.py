@@ -266,6 +266,7 @@ def pretrain_pilot(args, out: Path, vae) -> tuple[StableDiffusionPipeline, dict]
         plan_path.write_text(json.dumps(plan))
     print(f"{args.name}: data {data_seconds:.0f} s; {plan['steps']} steps at ~{plan['seconds_per_step_estimate']:.2f} s", flush=True)
     stage = time.time()
+    resumed_at = torch.load(out / "denoiser.pt")["step"] if (out / "denoiser.pt").exists() else 0
     pretrain.train_denoiser(unet, text_encoder, tokenizer, means, stds, vae.config.scaling_factor, scenes,
                             plan["steps"], args.batch_size, args.lr, args.seed, out / "denoiser.pt")
     denoiser_seconds = time.time() - stage
@@ -273,7 +274,8 @@ def pretrain_pilot(args, out: Path, vae) -> tuple[StableDiffusionPipeline, dict]
                                    scheduler=DPMSolverMultistepScheduler(**pretrain.NOISE_SCHEDULE),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out / "base")
-    info = {"steps": plan["steps"], "data_seconds": round(data_seconds), "denoiser_seconds": round(denoiser_seconds),
+    info = {"steps": plan["steps"], "resumed_at_step": resumed_at, "data_seconds": round(data_seconds),
+            "denoiser_seconds": round(denoiser_seconds),
             "unet_parameters": sum(p.numel() for p in unet.parameters()),
             "text_encoder_parameters": sum(p.numel() for p in text_encoder.parameters())}
     return pipe, info

@@ -75,6 +75,8 @@ def main() -> None:
         if pre:
             plus = "6000 × 32 + " if cfg.get("init_from") else ""
             steps = f"{plus}{pre['steps']} × {cfg.get('batch_size')} / {pre['denoiser_seconds'] / 60:.1f}"
+            if pre.get("resumed_at_step"):  # the minutes are those of the last process only
+                steps += f" (steps {pre['resumed_at_step']}–{pre['steps']}; resumed)"
         else:
             planned = f"(not finished: {cfg.get('steps')} × {cfg.get('batch_size')} planned)"
             steps = "6000 × 32 / 38 (2 threads, README)" if cfg.get("base") else planned
