@@ -12,10 +12,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results" / "pilot-bases.json"
+PRETRAINED = {"assets/tiny-base": "6000 × 32 + ", "runs/pilots/P2/base": "5000 × 16 + "}  # steps of an --init-from base
 WHAT = {
     "P0": "from scratch: today's world, today's UNet (cross-attn 8×8 only)",
     "P1": "from scratch: rich world, today's UNet",
     "P2": "from scratch: rich world, cross-attn at 16×16 and 8×8",
+    "P2b": "P2 continued from its weights (a new cosine schedule)",
     "shipped": "the shipped base as is (today's world and UNet, 6000 steps × batch 32)",
     "F0": "shipped base + fine-tuning on today's world (control: more steps, same world)",
     "F1": "shipped base + fine-tuning on the rich world, today's UNet",
@@ -73,7 +75,7 @@ def main() -> None:
         pre = p.get("pretraining")
         cfg = p.get("config", {})
         if pre:
-            plus = "6000 × 32 + " if cfg.get("init_from") else ""
+            plus = PRETRAINED.get(cfg.get("init_from"), "")
             steps = f"{plus}{pre['steps']} × {cfg.get('batch_size')} / {pre['denoiser_seconds'] / 60:.1f}"
             if pre.get("resumed_at_step"):  # the minutes are those of the last process only
                 steps += f" (steps {pre['resumed_at_step']}–{pre['steps']}; resumed)"
