@@ -27,7 +27,9 @@ Share is also scored with every concept active at once, each picked by its trigg
 the merged-model peers take. Output: JSON, a markdown table and two PNG plots in ``--out``.
 
 Every method keeps a checkpoint and its results in ``--out/<method>/`` after each concept: a run
-that is stopped continues where it was when started again with the same command.
+that is stopped continues where it was when started again with the same command, and a finished
+one grows: the same command with more concepts, their list starting with the run's (``--concepts_dir``
+takes several folders, in order), learns only the new ones.
 
     python benchmarks/continual.py                 # 10 shipped concepts, every method (CPU: hours)
     python benchmarks/continual.py --quick         # 2 concepts, few steps: a smoke test
@@ -74,7 +76,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--base", default=str(share_lab.TINY_BASE))
     p.add_argument("--concepts", type=int, default=10, help="how many, in the order of --concepts_dir")
-    p.add_argument("--concepts_dir", default=str(share_lab.CONCEPTS), help="concept folders (train/make_concepts.py)")
+    p.add_argument("--concepts_dir", nargs="+", default=[str(share_lab.CONCEPTS)],
+                   help="folders of concept folders (train/make_concepts.py), taken in the order given, each in name order")
     p.add_argument("--steps", type=int, default=400, help="training steps per concept, every method")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--heldout_images", type=int, default=20, help="held-out images per concept for the score")
@@ -190,7 +193,7 @@ class ShareLearner(Learner):
             if result.returncode:
                 raise RuntimeError(f"learn_concept.py failed on {concept.name}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
         self.history.mkdir(exist_ok=True)  # the state after every concept, for measures made afterwards
-        shutil.copyfile(self.file, self.history / f"after-{i + 1:03d}.safetensors")
+        shutil.copyfile(self.file, self.after(i))
         self.restore([])
 
     def restore(self, concepts):
@@ -205,10 +208,15 @@ class ShareLearner(Learner):
     def select_all(self) -> None:
         self.pipe.set_share_concepts({name: 1.0 for name in self.names})
 
+    def after(self, j: int) -> Path:
+        """The Share file as it was right after concept j was learned (a run grown from one made
+        before the history was kept lacks it for the first concepts)."""
+        return self.history / f"after-{j + 1:03d}.safetensors"
+
     def select_when_learned(self, j: int) -> None:
         """Concept j as it was right after it was learned (its state in the history), before later merges."""
         self.pipe.unload_share()
-        self.pipe.load_share(self.history / f"after-{j + 1:03d}.safetensors")
+        self.pipe.load_share(self.after(j))
         self.pipe.set_share_concepts(self.names[j])
 
     def stats(self, T):
@@ -413,7 +421,7 @@ def run_method(method: str, args, concepts, lr: float, folder: Path, drift_refer
     expected = dict(settings(args, concepts), lr=lr)
     progress = json.loads(progress_file.read_text()) if progress_file.exists() else {"settings": expected, "R_loss": [], "wall_s": []}
     if progress["settings"] != expected:
-        raise SystemExit(f"{folder} holds a {method} run with other settings; give another --out or remove it.")
+        progress = grown(progress, expected, folder, method)
     done = len(progress["R_loss"])
     if done:
         print(f"  {method}: continuing after {done} of {T} concepts")
@@ -441,6 +449,21 @@ def run_method(method: str, args, concepts, lr: float, folder: Path, drift_refer
     return {"lr": lr, "R_loss": progress["R_loss"], "wall_s": float(sum(progress["wall_s"])), **progress["final"]}
 
 
+def grown(progress: dict, expected: dict, folder: Path, method: str) -> dict:
+    """A run continued to more concepts: the same settings, its concepts the first of the new list.
+    Its rows are kept (the new concepts' columns empty until measured), its final metrics kept under
+    ``final_at``; any other difference is refused."""
+    before, after = progress["settings"]["concepts"], expected["concepts"]
+    if {**progress["settings"], "concepts": after} != expected or after[: len(before)] != before or len(after) <= len(before):
+        raise SystemExit(f"{folder} holds a {method} run with other settings; give another --out or remove it.")
+    print(f"  {method}: growing the {len(before)}-concept run in {folder} to {len(after)} concepts")
+    finals = progress.get("final_at", {})
+    if "final" in progress:
+        finals[str(len(before))] = progress["final"]
+    return {**{k: v for k, v in progress.items() if k != "final"}, "settings": expected, "final_at": finals,
+            "R_loss": [row + [None] * (len(after) - len(before)) for row in progress["R_loss"]]}
+
+
 def final_metrics(method: str, learner: Learner, concepts, args, drift_references) -> dict:
     """Identity (discriminative, and of generated images), drift and storage, in the final state."""
     out = learner.stats(len(concepts))
@@ -449,7 +472,8 @@ def final_metrics(method: str, learner: Learner, concepts, args, drift_reference
         identity = lambda select: evaluation.discriminative_identity(  # noqa: E731
             learner.pipe, [concepts[j] for j in picked], lambda c: select(int(picked[c])), args.identity_images)
         out["discriminative"] = dict(identity(learner.select), concepts=picked.tolist())
-        if method == "share":  # identity forgetting: the same test with each concept as it was when learned
+        if method == "share" and all(learner.after(j).exists() for j in picked):
+            # identity forgetting: the same test with each concept as it was when learned
             out["discriminative_when_learned"] = identity(learner.select_when_learned)
             learner.restore(concepts)
     if args.images:
@@ -496,9 +520,13 @@ def main(argv=None) -> dict:
     if args.compare:
         print(compare(args.compare))
         return {}
-    concepts = world.list_concepts(args.concepts_dir)[: args.concepts]
+    concepts = [c for folder in args.concepts_dir for c in world.list_concepts(folder)]
+    repeated = sorted({c.name for c in concepts if [d.name for d in concepts].count(c.name) > 1})
+    if repeated:
+        raise SystemExit(f"--concepts_dir: {', '.join(repeated)} found more than once in {' '.join(args.concepts_dir)}")
+    concepts = concepts[: args.concepts]
     if len(concepts) < args.concepts:
-        raise SystemExit(f"--concepts {args.concepts}, but {args.concepts_dir} holds {len(concepts)} concept folders "
+        raise SystemExit(f"--concepts {args.concepts}, but {' '.join(args.concepts_dir)} hold {len(concepts)} concept folders "
                          f"(make more with: python train/make_concepts.py --count {args.concepts} --output DIR)")
     references = reference_losses(concepts, args.references)
     if None in references and "lora" not in args.methods:

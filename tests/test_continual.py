@@ -1,14 +1,17 @@
 """benchmarks/continual.py end to end in its --quick mode (2 concepts, 10 steps): every method runs,
-the outputs are written, a stopped run continues where it was, and runs of different settings
+the outputs are written, a stopped run continues where it was, a finished one grows to more concepts, and runs of different settings
 refuse to combine or continue."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 
+import share_lab
 from benchmarks import continual, fold_loras
 from share_diffusers import read_share
+from share_lab import world
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +67,27 @@ def test_a_stopped_run_continues_where_it_was(quick_run, tmp_path, monkeypatch):
                                    rtol=1e-6, err_msg=method)
     with pytest.raises(SystemExit, match="other settings"):
         continual.main([*args, "--seed", "1", "--out", str(tmp_path / "stopped")])
+
+
+def test_a_finished_run_grows_to_more_concepts(quick_run, tmp_path):
+    """A 1-concept run continued with a second concept folder: it learns only the new concept and
+    gets the 2-concept run's numbers; its final metrics are kept; other orders are refused."""
+    _, whole = quick_run
+    first, second = (tmp_path / "first", tmp_path / "second")
+    for folder, concept in zip((first, second), world.list_concepts(share_lab.CONCEPTS)[:2]):
+        shutil.copytree(concept.path, folder / concept.name)
+    quick = ["--methods", "naive", "--steps", "10", "--lr", "lora=1e-3", "--heldout_images", "4", "--images", "0",
+             "--identity_concepts", "0", "--drift_prompts", "2", "--sample_steps", "4", "--out", str(tmp_path / "run")]
+    continual.main(["--concepts", "1", "--concepts_dir", str(first), *quick])
+    grown = continual.main(["--concepts", "2", "--concepts_dir", str(first), str(second), *quick])
+    np.testing.assert_allclose(np.array(grown["methods"]["naive"]["R_loss"], dtype=float),
+                               np.array(whole["methods"]["naive"]["R_loss"], dtype=float), rtol=1e-6)
+    progress = json.loads((tmp_path / "run" / "naive" / "progress.json").read_text())
+    assert list(progress["final_at"]) == ["1"] and len(progress["wall_s"]) == 2
+    with pytest.raises(SystemExit, match="other settings"):
+        continual.main(["--concepts", "2", "--concepts_dir", str(second), str(first), *quick])
+    with pytest.raises(SystemExit, match="found more than once"):
+        continual.main(["--concepts", "2", "--concepts_dir", str(first), str(first), *quick])
 
 
 def test_runs_of_different_settings_do_not_combine(quick_run, tmp_path):
