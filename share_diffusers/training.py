@@ -307,19 +307,26 @@ def steps_per_epoch(num_batches: int, accumulation: int) -> int:
 
 def train_in_process(pipe, params: list[torch.nn.Parameter], examples: list[Example], steps: int, lr: float,
                      batch_size: int = 4, seed: int = 0, center_crop: bool = True, max_grad_norm: float = 1.0,
-                     penalty: Callable[[], torch.Tensor] | None = None) -> None:
-    """A few hundred steps of ``params`` on ``pipe``'s UNet, in this process, without Accelerate.
+                     penalty: Callable[[], torch.Tensor] | None = None, resolution: int | None = None,
+                     flow: FlowMatching | None = None) -> None:
+    """A few hundred steps of ``params`` on ``pipe``'s UNet or transformer, in this process, without Accelerate.
 
     For trainings that run inside another program: the LoRA baselines of the benchmarks and the
     post-merge fine-tune of ``learn_concept.py`` (on its main process only, after the distributed
-    part). The data pipeline, loss, optimizer and clipping are ``learn_concept.py``'s; every random
-    draw comes from ``seed``, so a rerun gives the same result. ``penalty()``, if given, is added to
-    every step's loss (a regulariser of the trained parameters, e.g. C-LoRA's).
+    part). The data pipeline, loss, optimizer and clipping are ``learn_concept.py``'s (on SD3 / Flux
+    the flow-matching objective: ``flow``, or the pipeline's defaults); every random draw comes from
+    ``seed``, so a rerun gives the same result. ``penalty()``, if given, is added to every step's loss
+    (a regulariser of the trained parameters, e.g. C-LoRA's). ``resolution``: default, the UNet's
+    native size; a transformer pipeline's default sample size.
     """
-    dataset = ConceptDataset(examples, pipe.unet.config.sample_size * pipe.vae_scale_factor, center_crop=center_crop, seed=seed)
+    if getattr(pipe, "transformer", None) is not None:
+        flow = flow or FlowMatching(pipe)
+        resolution = resolution or pipe.default_sample_size * pipe.vae_scale_factor
+    resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    dataset = ConceptDataset(examples, resolution, center_crop=center_crop, seed=seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate,
                                          generator=torch.Generator().manual_seed(seed))
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config) if flow is None else None
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     step, epoch = 0, 0
@@ -327,9 +334,16 @@ def train_in_process(pipe, params: list[torch.nn.Parameter], examples: list[Exam
         dataset.set_epoch(epoch)
         for batch in loader:
             with torch.no_grad():
-                latents = latent_dist(pipe.vae, batch["pixel_values"]).sample(generator) * pipe.vae.config.scaling_factor
-                text = encode_text(pipe.tokenizer, pipe.text_encoder, batch["captions"])
-            loss = denoising_loss(pipe.unet, noise_scheduler, latents, text, generator=generator)
+                latents = latent_dist(pipe.vae, batch["pixel_values"]).sample(generator)
+                if flow is None:
+                    text = encode_text(pipe.tokenizer, pipe.text_encoder, batch["captions"])
+                    latents = latents * pipe.vae.config.scaling_factor
+                else:
+                    text, latents = flow.encode(batch["captions"]), flow.latents(latents)
+            if flow is None:
+                loss = denoising_loss(pipe.unet, noise_scheduler, latents, text, generator=generator)
+            else:
+                loss = flow.loss(pipe.transformer, latents, text, generator=generator)
             (loss if penalty is None else loss + penalty()).backward()
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()

@@ -379,8 +379,8 @@ def test_an_sd3_lora_folds_in_and_exports_back(tmp_path):
 
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_learn_concept_trains_30_steps_and_load_share_reads_the_file(name, tmp_path):
-    """Flow matching (Flux: packed latents, guidance embedding) lowers the held-out loss; the file it
-    writes loads on the pipeline. SD3's last block never reads its context queries, so that layer
+    """Flow matching (Flux: packed latents, guidance embedding) lowers the held-out loss, with the
+    post-merge fine-tune after it; the file it writes loads on the pipeline. SD3's last block never reads its context queries, so that layer
     learns nothing (k = 0 there): the file must still load and generate."""
     BUILDERS[name]().save_pretrained(tmp_path / "base")
     concept = sorted((Path(__file__).parents[1] / "assets" / "concepts").glob("*/concept.json"))[0].parent
@@ -393,6 +393,7 @@ def test_learn_concept_trains_30_steps_and_load_share_reads_the_file(name, tmp_p
         "--heldout_data_dir", str(tmp_path / "heldout"), "--share_path", str(tmp_path / "share.safetensors"),
         "--output_dir", str(tmp_path / "run"), "--max_train_steps", "30", "--train_batch_size", "2", "--learning_rate", "1e-2",
         "--resolution", "32", "--max_sequence_length", "16", "--num_validation_images", "1", "--report_to", "none",
+        "--finetune_after_merge_steps", "5",
     ]))
     entry = report["concepts"][concept.name]
     assert entry["heldout_loss_before"] < 0.97 * entry["heldout_loss_base"] and entry["merge_error"] < 1e-5

@@ -288,8 +288,6 @@ def learn(args) -> dict | None:
     accelerator = make_accelerator(args)
     base = load_base(args, accelerator)
     models = {base.component: base.unet} | ({"text_encoder": base.text_encoder} if args.train_text_encoder else {})
-    if base.flow is not None and args.finetune_after_merge_steps:
-        fail("--finetune_after_merge_steps is not available on transformer pipelines (SD3, Flux) yet.")
     if base.flow is not None and (args.pre_compute_text_embeddings or args.tokenizer_name or args.validation_images):
         fail("--pre_compute_text_embeddings, --tokenizer_name and --validation_images are not available on transformer pipelines "
              "(SD3, Flux) yet.")
@@ -782,16 +780,20 @@ def merge_and_report(args, pipe, old_state: ShareState, trained: Trained, meta: 
 
 
 def finetune_after_merge(args, pipe, state: ShareState, examples) -> ShareState:
-    """Fine-tune the new concept's k×p coefficients in the merged basis (basis frozen, φ = 0)."""
+    """Fine-tune the new concept's k×p coefficients of the UNet or transformer in the merged basis
+    (basis frozen, φ = 0), with the run's objective."""
     c = state.index(args.concept_name)
-    models = {"unet": pipe.unet}
-    layers = {n: l for n, l in state.layers.items() if n.startswith("unet.")}
-    trainer = attach_new_concept(models, ShareState(layers, state.concepts), p=1, phi=0, seed=args.seed)["unet"]
+    component = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+    models = {component: getattr(pipe, component)}
+    layers = {n: l for n, l in state.layers.items() if n.startswith(f"{component}.") and l.k > 0}  # k = 0: nothing to tune
+    trainer = attach_new_concept(models, ShareState(layers, state.concepts), p=1, phi=0, seed=args.seed)[component]
     for name, layer in zip(trainer.layer_names, trainer.layers):  # start from the merged coefficients
         layer.B = torch.nn.Parameter(state.layers[name].B[c].clone().to(layer.U))
         layer.A = torch.nn.Parameter(state.layers[name].A[c].clone().to(layer.U))
+    flow = FlowMatching(pipe, args.max_sequence_length, args.guidance_scale, args.weighting_scheme) if component == "transformer" else None
     train_in_process(pipe, list(trainer.parameters()), examples, args.finetune_after_merge_steps, args.learning_rate * 0.3,
-                     batch_size=args.train_batch_size, seed=args.seed, max_grad_norm=args.max_grad_norm)
+                     batch_size=args.train_batch_size, seed=args.seed, max_grad_norm=args.max_grad_norm,
+                     resolution=args.resolution, flow=flow)
     detach_new_concept(models)
     with torch.no_grad():
         for name, layer in zip(trainer.layer_names, trainer.layers):
