@@ -40,6 +40,8 @@ takes several folders, in order), learns only the new ones.
     OMP_NUM_THREADS=1 python benchmarks/continual.py --concepts_dir runs/concepts50 --concepts 50 \\
         --methods naive merge --lr lora=1e-3 --out runs/c50b; wait
     python benchmarks/continual.py --combine runs/c50a runs/c50b --out runs/c50
+    # runs of different settings side by side (average score and forgetting against N):
+    python benchmarks/continual.py --curves runs/k8:share=k8 runs/k16:share=k16 --out runs/k
 """
 
 from __future__ import annotations
@@ -107,6 +109,9 @@ def parse_args(argv=None):
     p.add_argument("--compare", nargs=2, metavar="RUN:METHOD",
                    help="no training: per-concept identity of two finished runs (their --out or continual.json), "
                         "e.g. runs/a:lora runs/b:lora where b ran with another --seed")
+    p.add_argument("--curves", nargs="+", metavar="RUN:METHOD[=LABEL]",
+                   help="no training: average score and forgetting against the number of concepts, of methods of finished "
+                        "runs whose settings may differ (e.g. --share_args '--basis_rank 8' / 16 / 32), in one plot in --out")
     p.add_argument("--quick", action="store_true", help="2 concepts, 10 steps, one learning rate, few images of few steps")
     args = p.parse_args(argv)
     try:
@@ -520,6 +525,11 @@ def main(argv=None) -> dict:
     if args.compare:
         print(compare(args.compare))
         return {}
+    if args.curves:
+        runs = {label or spec: method_of(spec)[1] for spec, _, label in (item.partition("=") for item in args.curves)}
+        plot_curves({"methods": runs}, out / "continual-curves.png")
+        print(f"wrote {out / 'continual-curves.png'}")
+        return runs
     concepts = [c for folder in args.concepts_dir for c in world.list_concepts(folder)]
     repeated = sorted({c.name for c in concepts if [d.name for d in concepts].count(c.name) > 1})
     if repeated:
@@ -642,16 +652,18 @@ def combine(parts: list[dict]) -> dict:
     return summary
 
 
+def method_of(spec: str) -> tuple[dict, dict]:
+    """A finished run's summary and one method's results, from ``RUN:METHOD`` (RUN: --out or its continual.json)."""
+    run, _, method = spec.rpartition(":")
+    summary = read_run(run)
+    if method not in summary["methods"]:
+        raise SystemExit(f"{spec}: {run} has no method {method!r} (it has {', '.join(summary['methods'])})")
+    return summary, summary["methods"][method]
+
+
 def compare(specs: list[str]) -> str:
     """Identity of method A in run A against method B in run B, concept by concept."""
-    runs = []
-    for spec in specs:
-        run, _, method = spec.rpartition(":")
-        summary = read_run(run)
-        if method not in summary["methods"]:
-            raise SystemExit(f"--compare: {run} has no method {method!r} (it has {', '.join(summary['methods'])})")
-        runs.append((summary, summary["methods"][method]))
-    (a, ra), (b, rb) = runs
+    (a, ra), (b, rb) = (method_of(spec) for spec in specs)
     if (a["concepts"], a["images"]) != (b["concepts"], b["images"]) or "identity" not in ra or "identity" not in rb:
         raise SystemExit("--compare: the runs differ in their concepts or identity images; only like for like compares.")
     return f"{specs[0]} − {specs[1]}: identity accuracy {identity_gaps(ra['identity'], rb['identity'], a['images'])}"

@@ -110,6 +110,16 @@ def test_compare_reports_per_concept_identity_gaps(quick_run, capsys):
         continual.main(["--compare", f"{out}:share", f"{out}:bogus"])
 
 
+def test_curves_of_several_runs_go_in_one_plot(quick_run, tmp_path):
+    out, summary = quick_run
+    runs = continual.main(["--curves", f"{out}:share=Share, k ≤ 16", f"{out / 'continual.json'}:naive", "--out", str(tmp_path)])
+    assert list(runs) == ["Share, k ≤ 16", f"{out / 'continual.json'}:naive"]
+    assert runs["Share, k ≤ 16"]["curves"] == summary["methods"]["share"]["curves"]
+    assert (tmp_path / "continual-curves.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="no method 'bogus'"):
+        continual.main(["--curves", f"{out}:bogus", "--out", str(tmp_path)])
+
+
 def test_scores_use_the_stored_references_or_else_the_runs_independent_loras():
     summary = {"base_losses": [1.0, 1.0], "stored_reference_losses": [0.5, None],
                "methods": {"lora": {"R_loss": [[0.8, None], [0.8, 0.6]]}, "naive": {"R_loss": [[0.8, None], [0.9, 0.6]]}}}
