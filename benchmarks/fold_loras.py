@@ -4,7 +4,9 @@
 
 Retention of concept j at k = (L_base − L_share) / (L_base − L_lora), its held-out score relative
 to its own LoRA (1 = nothing lost), with the base and LoRA losses the run measured on the same
-held-out images. Also each LoRA's reconstruction error, and bytes: per concept without the basis
+held-out images. Identity retention: the discriminative identity of the concepts the run tested
+(`evaluation.discriminative_identity`, same concepts and images), through the file, relative to
+the LoRAs'. Also each LoRA's reconstruction error, and bytes: per concept without the basis
 (the coefficients), with the basis amortised over the file, and a LoRA file's. The recommended k is
 the smallest whose mean retention reaches ``--target``. Output: JSON, a markdown table and a PNG in
 ``--out``.
@@ -24,7 +26,7 @@ import numpy as np
 import share_lab
 from benchmarks.continual import concept_loss, hardware, load_base, write_json
 from share_diffusers import loras_to_share, read_share
-from share_lab import world
+from share_lab import evaluation, world
 
 
 def parse_args(argv=None):
@@ -65,6 +67,8 @@ def main(argv=None) -> dict:
     heldout = settings.get("heldout_images", 20)
     pipe = load_base(settings["base"])
     lora_bytes = files[0].stat().st_size
+    identity = lora_identity(run)
+    select = lambda c: pipe.set_share_concepts(names[identity["concepts"][c]])  # noqa: E731  (the c-th tested concept)
     results = {}
     for k in args.ks:
         path = out / f"folded-k{k}.safetensors"
@@ -83,11 +87,16 @@ def main(argv=None) -> dict:
                       "reconstruction_error": [report[n]["overall"] for n in names], "losses": losses,
                       "bytes_per_concept": coefficients, "bytes_per_concept_with_basis": path.stat().st_size / len(names),
                       "file_bytes": path.stat().st_size}
+        if identity:
+            found = evaluation.discriminative_identity(pipe, [concepts[j] for j in identity["concepts"]], select, identity["images"])
+            results[k].update(identity=found, identity_retention=found["accuracy"] / identity["accuracy"])
         print(f"k = {k}: retention {retention.mean():.3f} (min {retention.min():.3f}), "
-              f"{path.stat().st_size / len(names):,.0f} bytes per concept with the basis", flush=True)
+              + (f"identity retention {results[k]['identity_retention']:.3f}, " if identity else "")
+              + f"{path.stat().st_size / len(names):,.0f} bytes per concept with the basis", flush=True)
         path.unlink()
+        path.with_name(path.name + ".lock").unlink(missing_ok=True)
     reached = [k for k in args.ks if results[k]["mean_retention"] >= args.target]
-    summary = {"run": str(run), "concepts": names, "lora_bytes": lora_bytes, "target": args.target,
+    summary = {"run": str(run), "concepts": names, "lora_bytes": lora_bytes, "target": args.target, "lora_identity": identity,
                "recommended_k": min(reached) if reached else None, "results": results, "hardware": hardware()}
     write_json(out / "fold_loras.json", summary)
     (out / "fold_loras.md").write_text(table(summary))
@@ -96,12 +105,28 @@ def main(argv=None) -> dict:
     return summary
 
 
+def lora_identity(run: Path) -> dict | None:
+    """The discriminative identity the run measured for its LoRAs (its concepts and images), if it did."""
+    results = run / "continual.json"
+    if not results.is_file():
+        return None
+    summary = json.loads(results.read_text())
+    found = summary["methods"].get("lora", {}).get("discriminative")
+    return found and {"accuracy": found["accuracy"], "concepts": found["concepts"], "images": summary["identity_images"]}
+
+
 def table(summary: dict) -> str:
     rows = [f"{len(summary['concepts'])} LoRAs (rank 4, {summary['lora_bytes']:,} bytes each) folded into one Share file:", "",
             "| k | mean retention | min retention | mean reconstruction error | bytes / concept (coefficients) | with the basis | vs a LoRA file |",
             "|---|---|---|---|---|---|---|"]
+    identity = summary.get("lora_identity")
+    if identity:
+        rows[2] = rows[2].replace("| mean reconstruction", f"| discriminative identity (the LoRAs: {identity['accuracy']:.2f}) "
+                                                         "| identity retention | mean reconstruction")
+        rows[3] += "---|---|"
     for k, r in summary["results"].items():
-        rows.append(f"| {k} | {r['mean_retention']:.3f} | {r['min_retention']:.3f} | {np.mean(r['reconstruction_error']):.3f} | "
+        found = f"{r['identity']['accuracy']:.2f} | {r['identity_retention']:.3f} | " if identity else ""
+        rows.append(f"| {k} | {r['mean_retention']:.3f} | {r['min_retention']:.3f} | {found}{np.mean(r['reconstruction_error']):.3f} | "
                     f"{r['bytes_per_concept']:,} | {r['bytes_per_concept_with_basis']:,.0f} | "
                     f"{summary['lora_bytes'] / r['bytes_per_concept_with_basis']:.1f}× smaller |")
     k = summary["recommended_k"]

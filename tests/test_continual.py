@@ -133,11 +133,15 @@ def test_scores_use_the_stored_references_or_else_the_runs_independent_loras():
 
 def test_fold_loras_keeps_every_lora_when_k_holds_them_all(quick_run, tmp_path):
     """Two rank-4 LoRAs fit exactly in k = 8 directions (retention 1, no error); k = 2 cannot hold them."""
-    out, _ = quick_run
+    out, quick_summary = quick_run
     summary = fold_loras.main([str(out), "--ks", "2", "8", "--out", str(tmp_path)])
     exact, squeezed = summary["results"][8], summary["results"][2]
     assert max(exact["reconstruction_error"]) < 1e-5
     assert exact["retention"] == pytest.approx([1.0, 1.0], abs=1e-3)
     assert min(squeezed["reconstruction_error"]) > 0.1
     assert summary["recommended_k"] == 8
+    # exact at k = 8: the same losses, so the same identity as the LoRAs, on the concepts the run tested
+    assert exact["identity"]["confusion"] == quick_summary["methods"]["lora"]["discriminative"]["confusion"]
+    assert exact["identity_retention"] == 1
     assert (tmp_path / "fold_loras.md").read_text().count("× smaller") == 2
+    assert not list(tmp_path.glob("folded-*"))  # the folded files (and their locks) are removed
