@@ -53,6 +53,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -531,7 +532,7 @@ def main(argv=None) -> dict:
         print(f"wrote {out / 'continual-curves.png'}")
         return runs
     concepts = [c for folder in args.concepts_dir for c in world.list_concepts(folder)]
-    repeated = sorted({c.name for c in concepts if [d.name for d in concepts].count(c.name) > 1})
+    repeated = sorted(name for name, n in Counter(c.name for c in concepts).items() if n > 1)
     if repeated:
         raise SystemExit(f"--concepts_dir: {', '.join(repeated)} found more than once in {' '.join(args.concepts_dir)}")
     concepts = concepts[: args.concepts]

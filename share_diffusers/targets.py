@@ -37,6 +37,11 @@ COMPONENTS = {"unet": "unet", "text_encoder": "text", "text_encoder_2": "text", 
 DENOISERS = {"unet": "cross_attention_kwargs", "transformer": "joint_attention_kwargs"}  # and the forward kwarg of attention kwargs
 
 
+def denoiser(pipe) -> str:
+    """The pipeline's denoising component: ``"transformer"`` (SD3, Flux) or ``"unet"``."""
+    return next(c for c in DENOISERS if getattr(pipe, c, None) is not None)
+
+
 def kind(component: str) -> str:
     """The kind (``"unet"``, ``"transformer"`` or ``"text"``) of a pipeline component; unknown components raise."""
     if component not in COMPONENTS:

@@ -23,7 +23,7 @@ from PIL import Image, ImageOps
 
 from .processor import ShareAdapter, attach, detach
 from .subspace import LayerShare, NewConcept, ShareState
-from .targets import split_layer
+from .targets import denoiser, split_layer
 
 IGNORED_SUFFIXES = {".txt", ".json", ".md", ".caption"}
 MAX_IMAGE_PIXELS = 64_000_000
@@ -183,7 +183,7 @@ def heldout_loss(pipe, images, captions: list[str], seed: int = 0, timesteps=LOS
 def heldout_losses(pipe, images, captions: list[str], seed: int = 0, timesteps=LOSS_TIMESTEPS,
                    cross_attention_kwargs: dict | None = None) -> np.ndarray:
     """`heldout_loss` image by image: one mean MSE per image (same noises, so their mean is it)."""
-    if getattr(pipe, "transformer", None) is not None:  # SD3, Flux
+    if denoiser(pipe) == "transformer":  # SD3, Flux
         return FlowMatching(pipe).heldout_losses(images, captions, seed, timesteps, cross_attention_kwargs)
     device = pipe.unet.device
     pixels = VaeImageProcessor(do_resize=False).preprocess([im.convert("RGB") for im in images])
@@ -319,7 +319,7 @@ def train_in_process(pipe, params: list[torch.nn.Parameter], examples: list[Exam
     (a regulariser of the trained parameters, e.g. C-LoRA's). ``resolution``: default, the UNet's
     native size; a transformer pipeline's default sample size.
     """
-    if getattr(pipe, "transformer", None) is not None:
+    if denoiser(pipe) == "transformer":
         flow = flow or FlowMatching(pipe)
         resolution = resolution or pipe.default_sample_size * pipe.vae_scale_factor
     resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor

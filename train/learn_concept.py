@@ -48,7 +48,7 @@ from share_diffusers.lora import write_lora
 from share_diffusers.names import check_concept_name, check_trigger
 from share_diffusers.pipeline import check_compatible
 from share_diffusers.subspace import balance
-from share_diffusers.targets import model_shapes, split_layer
+from share_diffusers.targets import denoiser, model_shapes, split_layer
 from share_diffusers.training import (
     ConceptDataset,
     FlowMatching,
@@ -783,7 +783,7 @@ def finetune_after_merge(args, pipe, state: ShareState, examples) -> ShareState:
     """Fine-tune the new concept's k×p coefficients of the UNet or transformer in the merged basis
     (basis frozen, φ = 0), with the run's objective."""
     c = state.index(args.concept_name)
-    component = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+    component = denoiser(pipe)
     models = {component: getattr(pipe, component)}
     layers = {n: l for n, l in state.layers.items() if n.startswith(f"{component}.") and l.k > 0}  # k = 0: nothing to tune
     trainer = attach_new_concept(models, ShareState(layers, state.concepts), p=1, phi=0, seed=args.seed)[component]
@@ -807,7 +807,7 @@ def generate_validation(pipe, args, heldout, count=None):
     prompt = args.validation_prompt or (heldout[0].caption if heldout else args.instance_prompt)
     gens = [torch.Generator().manual_seed(args.seed + i) for i in range(count)]
     kw = {}
-    if getattr(pipe, "transformer", None) is not None:  # their defaults are 1024 px and 512 T5 tokens, whatever was trained
+    if denoiser(pipe) == "transformer":  # their defaults are 1024 px and 512 T5 tokens, whatever was trained
         kw = {"height": args.resolution, "width": args.resolution, "max_sequence_length": args.max_sequence_length}
     with torch.no_grad():
         return pipe([prompt] * count, generator=gens, num_inference_steps=25, **kw).images
