@@ -103,8 +103,8 @@ def parse_args(argv=None):
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "continual"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--references", metavar="DIR",
-                   help="score 1 = the independent LoRAs of this other run (its --out) for concepts without a stored reference")
+    p.add_argument("--references", nargs="+", metavar="RUN",
+                   help="score 1 = the independent LoRAs of these other runs (their --out or continual.json) for concepts without a stored reference")
     p.add_argument("--combine", nargs="+", metavar="DIR",
                    help="no training: merge runs of different methods (their --out or continual.json; e.g. run in parallel) into --out")
     p.add_argument("--compare", nargs=2, metavar="RUN:METHOD",
@@ -562,15 +562,22 @@ def main(argv=None) -> dict:
     return write_results(summary, out)
 
 
-def reference_losses(concepts, other_run: str | None) -> list[float | None]:
-    """Each concept's stored reference loss, else the loss of its independent LoRA in ``other_run``."""
+def reference_losses(concepts, other_runs: list[str] | None) -> list[float | None]:
+    """Each concept's stored reference loss, else the loss of its independent LoRA in one of ``other_runs``."""
     measured = {}
-    if other_run:
-        progress_file = Path(other_run) / "lora" / "progress.json"
-        if not progress_file.is_file():
-            raise SystemExit(f"--references: {other_run} has no independent-LoRA run ({progress_file} is missing)")
-        progress = json.loads(progress_file.read_text())
-        measured = {name: row[i] for i, (name, row) in enumerate(zip(progress["settings"]["concepts"], progress["R_loss"]))}
+    for run in other_runs or []:
+        if Path(run).is_file():  # a finished run's continual.json (e.g. one in docs/results)
+            summary = read_run(run)
+            if "lora" not in summary["methods"]:
+                raise SystemExit(f"--references: {run} has no independent-LoRA results")
+            names, losses = summary["concepts"], summary["methods"]["lora"]["R_loss"]
+        else:
+            progress_file = Path(run) / "lora" / "progress.json"
+            if not progress_file.is_file():
+                raise SystemExit(f"--references: {run} has no independent-LoRA run ({progress_file} is missing)")
+            progress = json.loads(progress_file.read_text())
+            names, losses = progress["settings"]["concepts"], progress["R_loss"]
+        measured |= {name: row[i] for i, (name, row) in enumerate(zip(names, losses))}
     return [c.metadata.get("evaluation", {}).get("reference_loss", measured.get(c.name)) for c in concepts]
 
 

@@ -26,8 +26,20 @@ class ShareConfig:
     coef_rank: int = 1  # p: the rank of a new concept's delta per layer
     num_extra_directions: int = 2  # φ: temporary new directions per side while a concept trains
     base_model: str | None = None  # the base model as the user named it (a Hub id or the path they gave)
+    # the layers a new file adapts, as PEFT's target_modules (names or one regex); None: targets.py's defaults
+    target_modules: tuple[str, ...] | str | None = None  # of the UNet / transformer
+    text_encoder_target_modules: tuple[str, ...] | str | None = None  # of the text encoders (with --train_text_encoder)
+    conv_layers: tuple[str, ...] = ()  # the file's layers that are 1×1 convolutions in the base (a LoRA export writes them 4-D)
 
     def __post_init__(self):
+        for name in ("target_modules", "text_encoder_target_modules", "conv_layers"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                if not all(isinstance(v, str) and v for v in value):
+                    raise ValueError(f"{name} must be a list of non-empty module names, got {value!r}.")
+                object.__setattr__(self, name, tuple(value))  # JSON gives lists; a frozen config holds tuples
+            elif value is not None and not (isinstance(value, str) and name != "conv_layers"):
+                raise ValueError(f"{name} must be a list of module names{' or a regex' if name != 'conv_layers' else ''}, got {value!r}.")
         for name in ("basis_rank", "coef_rank"):
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("num_extra_directions", self.num_extra_directions, minimum=0)

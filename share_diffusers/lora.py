@@ -9,9 +9,11 @@ which `FluxLoraLoaderMixin.lora_state_dict` renames and splits (fused qkv → ``
 ``load_lora_weights`` does. Scaling
 (``alpha / r``, rsLoRA ``alpha / √r``, alpha and rank patterns) is folded into the factors, so
 each LoRA becomes plain ``{layer: (B n×r, A d×r)}`` with ``ΔW = B Aᵀ``. Diffusers' own key
-converters do the renaming. A LoRA is a file, a folder, a state dict or a Hub repo id. Layers Share
-does not adapt are measured, never silently dropped; DoRA and LyCORIS formats are refused by name.
-Writing gives Diffusers' layout or kohya's (A1111, ComfyUI).
+converters do the renaming. A LoRA is a file, a folder, a state dict or a Hub repo id. Every Linear
+and 1×1-convolution layer is held (attention, ``proj_in``/``proj_out``, feed-forwards, text-encoder
+MLPs); convolutions with larger kernels (LoCon) cannot be, and are measured, never silently
+dropped; DoRA and LyCORIS formats are refused by name. Writing gives Diffusers' layout or kohya's
+(A1111, ComfyUI), 1×1-convolution layers as 4-D tensors.
 """
 
 from __future__ import annotations
@@ -31,11 +33,11 @@ from diffusers.utils.state_dict_utils import StateDictType, convert_state_dict_t
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import ShareConfig
+from .config import ShareConfig, stored_config
 from .hub import is_repo_id, resolve_file
 from .io import ShareFileError, atomic_write, read_share, save_share
 from .subspace import ShareState, balance
-from .targets import COMPONENTS, PROJECTIONS, kind, split_layer
+from .targets import COMPONENTS, kind, split_layer
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # Diffusers' file name (LORA_WEIGHT_NAME_SAFE)
@@ -139,11 +141,11 @@ def _check_format(sd: dict, path) -> None:
                                  "merge it into the base model or convert it to a LoRA first.")
 
 
-def read_lora_parts(path, weight_name: str | None = None, **hub_kwargs) -> tuple[Factors, dict[str, float]]:
-    """A LoRA's layers that Share adapts, as factors, and the squared norm ``‖ΔW‖_F²`` of every layer it
-    would drop (LoRA layers outside Share's targets: ``proj_in``/``proj_out``, feed-forward, text-encoder
-    MLPs, convolutions), so that an import can count them in its error. Tensors that are not LoRA
-    factors at all raise, naming them: nothing is ever dropped unmeasured."""
+def read_lora_parts(path, weight_name: str | None = None, **hub_kwargs) -> tuple[Factors, dict[str, float], set[str]]:
+    """A LoRA's layers that Share can hold, as factors; the squared norm ``‖ΔW‖_F²`` of every layer it
+    would drop (convolutions with kernels larger than 1×1), so that an import can count them in its
+    error; and which held layers are 1×1 convolutions. Tensors that are not LoRA factors at all
+    raise, naming them: nothing is ever dropped unmeasured."""
     sd, metadata, config, path = _source(path, weight_name, **hub_kwargs)
     _check_format(sd, path)
     if any(_FLUX_ORIGINAL.search(k) for k in sd):
@@ -167,6 +169,7 @@ def read_lora_parts(path, weight_name: str | None = None, **hub_kwargs) -> tuple
 
     factors: Factors = {}
     dropped: dict[str, float] = {}
+    conv: set[str] = set()
     unknown = []
     for component, part in by_component.items():
         if component == "unet":
@@ -183,7 +186,6 @@ def read_lora_parts(path, weight_name: str | None = None, **hub_kwargs) -> tuple
                 continue
             module = m["module"].removeprefix("text_model.")
             pairs.setdefault(module, {})[m["side"]] = value.float()
-        targets = PROJECTIONS[kind(component)]
         for module, pair in pairs.items():
             if set(pair) != {"A", "B"}:
                 unknown.append(f"{component}.{module} (lora_{'A' if 'A' in pair else 'B'} without its pair)")
@@ -194,16 +196,18 @@ def read_lora_parts(path, weight_name: str | None = None, **hub_kwargs) -> tuple
                 raise ShareFileError(f"{path}: {component}.{module} has LoRA shapes {tuple(up.shape)} / {tuple(down.shape)}.")
             up = up.reshape(up.shape[0], r) * scale(component, module, r)
             down = down.reshape(r, -1)
-            if not module.endswith(tuple("." + t for t in targets)) or pair["A"].ndim != 2:
+            if pair["A"].ndim not in (2, 4) or pair["A"].shape[2:] not in ((), (1, 1)):  # a k×k convolution (LoCon)
                 dropped[f"{component}.{module}"] = _norm2(up, down.mT)
                 continue
             factors[f"{component}.{module}"] = (up, down.mT.contiguous())
+            if pair["A"].ndim == 4:
+                conv.add(f"{component}.{module}")
     if unknown:
         raise ShareFileError(f"{path}: {len(unknown)} tensors are not LoRA factors Share can read, e.g. {unknown[:3]}.")
     if not factors:
         found = f" (it has {', '.join(list(dropped)[:3])}…)" if dropped else ""
-        raise ShareFileError(f"{path}: no LoRA layers on attention projections were found{found}.")
-    return factors, dropped
+        raise ShareFileError(f"{path}: no LoRA layers Share can hold (Linear or 1×1 convolution) were found{found}.")
+    return factors, dropped, conv
 
 
 def _norm2(B: torch.Tensor, A: torch.Tensor) -> float:
@@ -216,7 +220,7 @@ def read_lora(path, weight_name: str | None = None, **hub_kwargs) -> Factors:
     """A LoRA (file, PEFT folder, Hub repo id or state dict) as ``{layer: (B n×r, A d×r)}`` in Share's
     layer naming, scale folded in; layers outside Share's targets are left out with a warning that
     says how much of the LoRA they hold (`loras_to_share` refuses them unless allowed)."""
-    factors, dropped = read_lora_parts(path, weight_name, **hub_kwargs)
+    factors, dropped, _ = read_lora_parts(path, weight_name, **hub_kwargs)
     if dropped:
         warnings.warn(f"{_describe(path, factors, dropped)} were not read.", stacklevel=2)
     return factors
@@ -226,8 +230,8 @@ def _describe(path, factors: Factors, dropped: dict[str, float]) -> str:
     kept = sum(_norm2(B, A) for B, A in factors.values())
     share = sum(dropped.values()) / max(kept + sum(dropped.values()), 1e-300)
     source = "<LoRA state dict>" if isinstance(path, Mapping) else path
-    return (f"{source}: {len(dropped)} LoRA layers outside Share's targets (attention projections), e.g. {list(dropped)[:3]}, "
-            f"holding {share:.1%} of its ‖ΔW‖²,")
+    return (f"{source}: {len(dropped)} LoRA layers on convolutions larger than 1×1 (LoCon), which Share cannot hold, "
+            f"e.g. {list(dropped)[:3]}, holding {share:.1%} of its ‖ΔW‖²,")
 
 
 def loras_to_share(
@@ -250,8 +254,9 @@ def loras_to_share(
     reconstruction error ``‖ΔW − ΔŴ‖_F / ‖ΔW‖_F`` (overall and per layer). ``shapes`` lists the
     base model's adapted layers (``{layer: (n, d)}``); by default, the layers the LoRAs touch.
 
-    LoRA layers outside Share's targets (``proj_in``/``proj_out``, feed-forward, text-encoder MLPs,
-    convolutions) cannot be held: they are refused, naming them, unless ``allow_dropped=True``; then
+    Every Linear or 1×1-convolution layer of a LoRA is held (attention, ``proj_in``/``proj_out``,
+    feed-forwards, text-encoder MLPs). Layers on larger convolutions (LoCon) cannot be: they are
+    refused, naming them, unless ``allow_dropped=True``; then
     the report counts them in full (relative error 1 per dropped layer, its ``‖ΔW‖²`` in the overall
     error, which is also what the file's merge-error history records) and lists them under ``"dropped"``.
     DoRA and LyCORIS (LoHa, LoKr, …) files are refused, naming the format.
@@ -261,9 +266,10 @@ def loras_to_share(
     names = names or [Path(f).stem for f in lora_files]
     if len(names) != len(lora_files) or len(set(names)) != len(names):
         raise ValueError("Need one unique concept name per LoRA file.")
-    loras, dropped = {}, {}
+    loras, dropped, conv = {}, {}, set()
     for name, f in zip(names, lora_files):
-        loras[name], dropped[name] = read_lora_parts(f, weight_name, **hub_kwargs)
+        loras[name], dropped[name], conv_layers = read_lora_parts(f, weight_name, **hub_kwargs)
+        conv |= conv_layers
         if dropped[name] and not allow_dropped:
             raise ShareFileError(f"{_describe(f, loras[name], dropped[name])} which Share would drop; pass allow_dropped=True "
                                  "(compress_loras.py --allow_dropped) to fold in the rest, with the dropped part counted in the "
@@ -292,7 +298,8 @@ def loras_to_share(
             report[name]["layers"].update(dict.fromkeys(dropped[name], 1.0))
             concept["merge_errors"][-1] = round(overall, 8)
             concept["dropped_layers"] = len(dropped[name])
-    save_share(state, output_path, config=ShareConfig(basis_rank=basis_rank, basis_energy=energy).to_dict())
+    config = ShareConfig(basis_rank=basis_rank, basis_energy=energy, conv_layers=sorted(conv & set(shapes)))
+    save_share(state, output_path, config=config.to_dict())
     return report
 
 
@@ -317,8 +324,10 @@ def lora_factors(state: ShareState, selection: str | dict[str, float]) -> Factor
 LORA_FORMATS = ("diffusers", "kohya")
 
 
-def write_lora(factors: Factors, output_path: str | os.PathLike, format: str = "diffusers", name: str | None = None) -> Path:
-    """Write ``{layer: (B n×r, A d×r)}`` as a LoRA file (scale 1), atomically.
+def write_lora(factors: Factors, output_path: str | os.PathLike, format: str = "diffusers", name: str | None = None,
+               conv_layers=()) -> Path:
+    """Write ``{layer: (B n×r, A d×r)}`` as a LoRA file (scale 1), atomically; ``conv_layers`` are
+    1×1 convolutions in the base model, written as ``r×d×1×1`` / ``n×r×1×1`` as LoRA trainers do.
 
     ``format="diffusers"``: PEFT-style keys (``unet.<module>.lora_A.weight``); text-encoder modules go
     under ``text_model.`` (Diffusers drops that level for text encoders that do not have it), so
@@ -339,14 +348,17 @@ def write_lora(factors: Factors, output_path: str | os.PathLike, format: str = "
         component, module = split_layer(layer)
         if kind(component) == "text":
             module = "text_model." + module
+        down, up = A.mT.contiguous(), B.contiguous()  # r×d, n×r
+        if layer in conv_layers:
+            down, up = down[..., None, None], up[..., None, None]
         if format == "kohya":
             key = kohya_prefix[component] + module.replace(".", "_")
-            tensors[f"{key}.lora_down.weight"] = A.mT.contiguous()
-            tensors[f"{key}.lora_up.weight"] = B.contiguous()
+            tensors[f"{key}.lora_down.weight"] = down
+            tensors[f"{key}.lora_up.weight"] = up
             tensors[f"{key}.alpha"] = torch.tensor(float(B.shape[1]))  # alpha = rank: scale 1
         else:
-            tensors[f"{component}.{module}.lora_A.weight"] = A.mT.contiguous()
-            tensors[f"{component}.{module}.lora_B.weight"] = B.contiguous()
+            tensors[f"{component}.{module}.lora_A.weight"] = down
+            tensors[f"{component}.{module}.lora_B.weight"] = up
     metadata = {"format": "pt"}
     if format == "kohya":
         ranks = sorted({B.shape[1] for B, _ in factors.values()})
@@ -366,6 +378,7 @@ def share_to_lora(
     (``format="diffusers"``) or kohya's, as A1111 and ComfyUI load it (``format="kohya"``)."""
     if format not in LORA_FORMATS:
         raise ValueError(f"format must be one of {', '.join(LORA_FORMATS)}; got {format!r}.")
-    state, _ = read_share(share_path)
+    state, header = read_share(share_path)
     label = concept if isinstance(concept, str) else json.dumps(concept)
-    return write_lora(lora_factors(state, concept), output_path, format=format, name=label)
+    conv = stored_config(header).conv_layers or ()
+    return write_lora(lora_factors(state, concept), output_path, format=format, name=label, conv_layers=conv)

@@ -72,7 +72,7 @@ def load_share(
     else:
         path = resolve_file(source, weight_name, DEFAULT_WEIGHT_NAME, "Share file", **hub_kwargs)
         state, _ = read_share(path)
-    check_compatible(state.shapes, pipeline_shapes(pipe), f"The Share file {path}")
+    check_compatible(state.shapes, pipeline_shapes(pipe) | pipeline_shapes(pipe, layers=state.shapes), f"The Share file {path}")
     previous = find_runtime(pipe)
     files = dict(previous.files) if previous is not None else {}
     if adapter_name is None and hotswap:

@@ -4,9 +4,9 @@
   follows ``.to()`` and offloading). It holds, on the model's device, every adapted layer's basis,
   the coefficient bank of all concepts, and the current selection as ``(G, L, k, k)`` cores.
   Switching concepts rewrites the cores in place; nothing else moves.
-* Every adapted projection (``to_q/k/v/out.0`` of a UNet `Attention`, the joint-attention,
-  feed-forward and single-block Linears of a transformer, ``q/k/v/out_proj`` of a text encoder)
-  gets a forward hook on its Linear that adds the delta to the output. The attention
+* Every adapted layer (by default ``to_q/k/v/out.0`` of a UNet `Attention`, the joint-attention,
+  feed-forward and single-block Linears of a transformer, ``q/k/v/out_proj`` of a text encoder;
+  any Linear or 1×1 convolution a file names) gets a forward hook that adds the delta to the output. The attention
   processor is left alone, so the delta does not depend on which processor computes attention
   (`AttnProcessor2_0`, `AttnProcessor`, `SlicedAttnProcessor`, xFormers, …), a PEFT LoRA wrapping
   the same Linear still works and stacks with Share, and nothing selected adds nothing: the
@@ -26,7 +26,7 @@ from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProc
 from torch import Tensor, nn
 
 from .subspace import LayerShare, NewConcept, dense_delta, share_delta
-from .targets import DENOISERS, base_linear, find_targets, kind, unwrap
+from .targets import DENOISERS, base_linear, is_conv, kind, lookup, unwrap
 
 # processors that do not call to_q/to_k/to_v/to_out.0 as they are (fused QKV) or add projections
 # of their own beside them (IP-Adapter): with these the selected concepts would be silently wrong
@@ -155,7 +155,7 @@ class ShareAdapter(nn.Module):
         for i, module in enumerate(self.targets):
             weight = base_linear(module).weight
             self._saved.append(weight.detach().to("cpu", copy=True))
-            weight += self.dense(i).to(weight)
+            weight += self.dense(i).to(weight).view_as(weight)
         self.fused = True
 
     @torch.no_grad()
@@ -164,7 +164,7 @@ class ShareAdapter(nn.Module):
             return
         for i, (module, original) in enumerate(zip(self.targets, self._saved)):
             weight = base_linear(module).weight
-            expected = original.to(weight.device) + self.dense(i).to(weight)
+            expected = original.to(weight.device) + self.dense(i).to(weight).view_as(weight)
             if not torch.equal(weight, expected):
                 name = getattr(module, "_share_name", i)
                 raise RuntimeError(
@@ -185,7 +185,7 @@ def attach(model: nn.Module, component: str, names: list[str], adapter: ShareAda
     projections (fused QKV, IP-Adapter): silently dropping the delta would give wrong images.
     """
     model = unwrap(model)
-    targets = find_targets(model, component)
+    targets = lookup(model, component, names)
     missing = [n for n in names if n not in targets]
     if missing:
         raise ValueError(f"Share layers not found in the {component}: {missing[:3]}")
@@ -202,7 +202,7 @@ def attach(model: nn.Module, component: str, names: list[str], adapter: ShareAda
     for name, module in zip(names, adapter.targets):
         module._share_name = name
     adapter.hooks = [
-        base_linear(module).register_forward_hook(_delta_hook(adapter, i)) for i, module in enumerate(adapter.targets)
+        base_linear(module).register_forward_hook(_delta_hook(adapter, i, is_conv(module))) for i, module in enumerate(adapter.targets)
     ]
     model.share_adapter = adapter
 
@@ -221,9 +221,11 @@ def _attention_owner(model: nn.Module):
     return owner
 
 
-def _delta_hook(adapter: ShareAdapter, i: int):
+def _delta_hook(adapter: ShareAdapter, i: int, conv: bool = False):
     def hook(module, args, output):
         if adapter.enabled:
+            if conv:  # a 1×1 convolution: the same map on the channel axis
+                return adapter.delta(i, args[0].movedim(1, -1), out=output.movedim(1, -1)).movedim(-1, 1)
             return adapter.delta(i, args[0], out=output)
 
     return hook

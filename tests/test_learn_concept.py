@@ -509,3 +509,44 @@ def test_the_post_merge_fine_tune_moves_only_the_new_concepts_denoiser_coefficie
     # SD3's last block never reads its context queries: that layer gets no gradient
     assert untrained == ({"transformer.transformer_blocks.1.attn.add_q_proj"} if kind == "sd3" else set())
     assert heldout_loss(pipe, images, captions) == reference
+
+
+def test_target_modules_adapt_the_layers_asked_and_the_file_keeps_them(tmp_path):
+    """--target_modules / --text_encoder_target_modules as PEFT's: proj_in (a 1×1 convolution in this UNet),
+    feed-forward and text-encoder MLP layers are learned; the file stores the setting, so the next run
+    continues with it; a layer Share cannot adapt, or a name that matches nothing, is refused before training."""
+    share = tmp_path / "share.safetensors"
+    unet_targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+    learn(tmp_path, 0, share, "--target_modules", *unet_targets, "--train_text_encoder",
+          "--text_encoder_target_modules", "q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+    state, header = read_share(share)
+    leaves = {name.rsplit(".", 1)[-1] for name in state.layers}
+    assert {"proj_in", "proj_out", "fc1", "fc2", "2"} <= leaves
+    assert header["config"]["target_modules"] == unet_targets
+    assert header["config"]["conv_layers"] and all(l.endswith(("proj_in", "proj_out")) for l in header["config"]["conv_layers"])
+    ff = next(n for n in state.layers if n.endswith("ff.net.2"))
+    assert state.layers[ff].k > 0 and state.delta(ff, {state.names[0]: 1.0}).abs().max() > 0
+
+    learn(tmp_path, 1, share, "--train_text_encoder")  # the flags left out: the file's targets
+    state2, header2 = read_share(share)
+    assert set(state2.layers) == set(state.layers) and header2["config"]["target_modules"] == unet_targets
+    assert state2.delta(ff, {state2.names[1]: 1.0}).abs().max() > 0
+
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(BASE)
+    kw = dict(num_inference_steps=2, output_type="np", guidance_scale=5.0)
+    base = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
+    pipe.load_share(share)
+    pipe.set_share_concepts(state2.names[0])
+    shown = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
+    pipe.fuse_share()
+    fused = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
+    assert abs(shown - base).max() > 0 and abs(fused - shown).max() < 1e-4
+
+    before = share.read_bytes()
+    for flags, message in ((["--target_modules", "conv1"], r"conv1 \(a 3×3 Conv2d\).*Linear and 1×1 Conv2d"),
+                           (["--target_modules", "nothing_here"], r"matches no layer of the unet")):
+        refused = learn(tmp_path, 2, share, *flags, check=False)
+        assert refused.returncode != 0 and re.search(message, refused.stdout + refused.stderr), refused.stderr[-2000:]
+    assert share.read_bytes() == before

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 import share_diffusers  # noqa: F401  (installs pipe.load_share & co.)
 from share_diffusers import ShareFileError
-from share_diffusers.targets import base_linear, find_targets
+from share_diffusers.targets import LORA_EXTRA, PROJECTIONS, base_linear, lookup
 from share_lab.tiny_pipelines import random_share, tiny_sd, tiny_sdxl
 
 BUILDERS = {"sd": tiny_sd, "sdxl": tiny_sdxl}
@@ -38,11 +38,13 @@ def unet_inputs(pipe, batch=2, seed=0):
 
 
 def dense_copy(model, state, component, mix):
-    """A copy of ``model`` with the dense ΔW of ``mix`` added to every adapted weight."""
+    """A copy of ``model`` with the dense ΔW of ``mix`` added to every adapted weight (1×1 convolutions too)."""
     model = copy.deepcopy(model)
-    for name, module in find_targets(model, component).items():
+    names = [layer.partition(".")[2] for layer in state.layers if layer.startswith(component + ".")]
+    for name, module in lookup(model, component, names).items():
         with torch.no_grad():
-            base_linear(module).weight += state.delta(f"{component}.{name}", mix).float()
+            weight = base_linear(module).weight
+            weight += state.delta(f"{component}.{name}", mix).float().view_as(weight)
     return model
 
 
@@ -77,6 +79,39 @@ def test_selection_equals_adding_the_dense_delta(pipe, tmp_path, mix):
         for c in components[1:]:
             got, want = getattr(pipe, c)(ids).last_hidden_state, dense[c](ids).last_hidden_state
             assert (got - want).abs().max() <= 1e-5
+
+
+def test_every_layer_loras_adapt_is_exact_per_prompt_and_fuses_bit_exactly(pipe, tmp_path):
+    """target_modules beyond attention: proj_in/proj_out (1×1 convolutions in SD-1's UNet, Linears in SDXL's),
+    feed-forwards, text-encoder MLPs. A selection equals the dense ΔW, a batch with a concept per prompt equals
+    separate calls, and fuse / unfuse restores every weight bit-exactly."""
+    texts = [c for c in ("text_encoder", "text_encoder_2") if hasattr(pipe, c)]
+    targets = {"unet": PROJECTIONS["unet"] + LORA_EXTRA["unet"]} | dict.fromkeys(texts, ("self_attn.q_proj", "fc1", "fc2"))
+    state = random_share(pipe, tmp_path / "s.safetensors", target_modules=targets)
+    assert any(l.endswith("proj_in") for l in state.layers) and any(l.endswith("mlp.fc2") for l in state.layers)
+    mix = {"cat": 0.7, "owl": -0.4}
+    args, kw = unet_inputs(pipe)
+    ids = torch.randint(0, 500, (2, 77))
+    dense = {c: dense_copy(getattr(pipe, c), state, c, mix) for c in ["unet", *texts]}
+    before = {k: v.clone() for c in ["unet", *texts] for k, v in getattr(pipe, c).state_dict().items()}
+    pipe.load_share(tmp_path / "s.safetensors")
+    pipe.set_share_concepts(mix)
+    with torch.no_grad():
+        assert (pipe.unet(*args, **kw).sample - dense["unet"](*args, **kw).sample).abs().max() <= 1e-5
+        for c in texts:
+            assert (getattr(pipe, c)(ids).last_hidden_state - dense[c](ids).last_hidden_state).abs().max() <= 1e-5
+    pipe.set_share_concepts(["cat", mix])
+    batch = generate(pipe, ["a cat", "an owl"], guidance_scale=5.0)
+    separate = []
+    for i, sel in enumerate(["cat", mix]):
+        pipe.set_share_concepts(sel)
+        separate.append(generate(pipe, ["a cat", "an owl"][i], seed=i, guidance_scale=5.0))
+    torch.testing.assert_close(batch, torch.cat(separate), atol=1e-5, rtol=0)
+    pipe.fuse_share()
+    torch.testing.assert_close(generate(pipe, "an owl", seed=1, guidance_scale=5.0), separate[1], atol=1e-4, rtol=0)
+    pipe.unfuse_share()
+    after = {k: v for c in ["unet", *texts] for k, v in getattr(pipe, c).state_dict().items()}
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_a_batch_of_different_concepts_equals_separate_calls(pipe, tmp_path):

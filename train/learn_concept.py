@@ -48,7 +48,7 @@ from share_diffusers.lora import write_lora
 from share_diffusers.names import check_concept_name, check_trigger
 from share_diffusers.pipeline import check_compatible
 from share_diffusers.subspace import balance
-from share_diffusers.targets import denoiser, model_shapes, split_layer
+from share_diffusers.targets import conv_layers, denoiser, model_shapes
 from share_diffusers.training import (
     ConceptDataset,
     FlowMatching,
@@ -162,6 +162,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--coef_rank", "--rank", type=int, default=None, help=f"p: the rank of each concept's delta per layer (new file: {default.coef_rank}).")
     a("--num_extra_directions", type=int, default=None,
       help=f"φ: temporary new directions per side while training (new file: {default.num_extra_directions}).")
+    a("--target_modules", nargs="+", default=None, metavar="NAME",
+      help="The UNet's / transformer's layers to adapt, as PEFT's target_modules: module names (a layer matches its whole name "
+           "or its last parts, e.g. to_q proj_in ff.net.2) or one regular expression (new file: the attention projections).")
+    a("--text_encoder_target_modules", nargs="+", default=None, metavar="NAME",
+      help="The same for the text encoders with --train_text_encoder (new file: self_attn q/k/v/out_proj; e.g. add fc1 fc2).")
     a("--rebase", action="store_true", help="Allow basis settings that differ from the file's: the merge refits the subspace under them.")
     a("--no_merge", action="store_true", help="Do not touch the Share file; save the trained concept as a LoRA file instead.")
     a("--finetune_after_merge_steps", type=int, default=0, help="Fine-tune the new coefficients in the merged basis.")
@@ -186,25 +191,25 @@ def _apply_defaults(args) -> None:
     args.output_dir = args.output_dir or str(ROOT / "outputs" / "runs" / args.concept_name)
 
 
-def load_state(args, base_shapes, train_shapes) -> tuple[ShareState, ShareConfig]:
+def load_state(args, all_models: dict, models: dict) -> tuple[ShareState, ShareConfig]:
     """The Share file to extend (validated against the base model), or an empty one, and the settings
     to continue it with (the flags given over the file's stored `ShareConfig`).
 
-    ``train_shapes`` are the layers this run trains; the file gains any it does not adapt yet.
+    ``models`` are the components this run trains; the file gains the target layers it does not adapt yet.
     """
     path = Path(args.share_path)
     if path.is_dir():
         fail(f"--share_path {path} is a folder; give the Share file's path, e.g. {path / DEFAULT_WEIGHT_NAME}.")
     if not os.access(path.parent if path.parent.exists() else Path("."), os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         fail(f"--share_path {path} cannot be written (no permission): checked before training, so no training is lost.")
-    stored, state, args.share_token = None, ShareState.empty(train_shapes), ABSENT
+    stored, state, args.share_token = None, ShareState.empty({}), ABSENT
     if path.exists():
         state, header = read_share(path)
         args.share_token = header["file_token"]
-        check_compatible(state.shapes, base_shapes, f"The Share file {path}")
+        have = model_shapes(all_models) | model_shapes(all_models, layers=state.shapes)
+        check_compatible(state.shapes, have, f"The Share file {path}")
         if args.concept_name in state.names and not args.overwrite_concept:
             fail(f"{path} already has a concept named {args.concept_name!r}; pass --overwrite_concept to replace it.")
-        state = with_layers(state, train_shapes)
         try:
             stored = stored_config(header)
         except ValueError as e:
@@ -212,10 +217,24 @@ def load_state(args, base_shapes, train_shapes) -> tuple[ShareState, ShareConfig
     try:
         config = resolve_config(stored, rebase=args.rebase, basis_rank=args.basis_rank, basis_energy=args.basis_energy,
                                 coef_rank=args.coef_rank, num_extra_directions=args.num_extra_directions,
-                                base_model=portable_path(args.pretrained_model_name_or_path, ROOT))
+                                base_model=portable_path(args.pretrained_model_name_or_path, ROOT),
+                                target_modules=_targets_flag(args.target_modules),
+                                text_encoder_target_modules=_targets_flag(args.text_encoder_target_modules))
+        train_shapes = {}
+        for component, model in models.items():
+            targets = config.text_encoder_target_modules if component.startswith("text_encoder") else config.target_modules
+            train_shapes |= model_shapes({component: model}, targets)
     except ValueError as e:
         fail(str(e))
-    return state, config
+    state = with_layers(state, train_shapes)
+    return state, config.replace(conv_layers=conv_layers(all_models, state.shapes))
+
+
+def _targets_flag(values: list[str] | None):
+    """``--target_modules``: names, or one regular expression (an entry with a regex character other than ".")."""
+    if values and len(values) == 1 and any(ch in values[0] for ch in "*+?[](){}|^$\\"):
+        return values[0]
+    return values
 
 
 class LearnError(Exception):
@@ -408,10 +427,8 @@ def load_transformer_base(args, accelerator, path: Path, load: dict) -> Base:
 def share_to_extend(args, base: Base, models: dict) -> ShareState:
     """The Share file's state this concept joins (its namesake dropped with --overwrite_concept);
     sets ``args.config``, the settings it is continued with."""
-    base_shapes = model_shapes({base.component: base.unet, "text_encoder": base.text_encoder})
-    train_shapes = {n: s for n, s in base_shapes.items() if split_layer(n)[0] in models}
     try:
-        state, args.config = load_state(args, base_shapes, train_shapes)
+        state, args.config = load_state(args, {base.component: base.unet, "text_encoder": base.text_encoder}, models)
     except (ShareFileError, FileNotFoundError) as e:
         fail(str(e))
     if args.concept_name in state.names:  # --overwrite_concept: drop it, refit the rest

@@ -29,9 +29,10 @@ from transformers import (
     T5TokenizerFast,
 )
 
+from share_diffusers.config import ShareConfig
 from share_diffusers.io import save_share
 from share_diffusers.subspace import LayerShare, ShareState
-from share_diffusers.targets import pipeline_shapes
+from share_diffusers.targets import COMPONENTS, conv_layers, pipeline_shapes
 
 
 @lru_cache
@@ -189,17 +190,21 @@ def synthetic_state(shapes: dict[str, tuple[int, int]], concepts: int, k: int | 
     return ShareState(layers, [{"name": f"c{i}", "trigger": f"<c{i}>"} for i in range(concepts)])
 
 
-def random_share(pipe, path, names=("cat", "dog", "owl"), p=2, scale=0.3, k_max=64, seed=0, components=None):
-    """A Share file for ``pipe`` with random concepts; returns the state written."""
+def random_share(pipe, path, names=("cat", "dog", "owl"), p=2, scale=0.3, k_max=64, seed=0, components=None, target_modules=None):
+    """A Share file for ``pipe`` with random concepts (on the default targets, or ``{component: target_modules}``);
+    returns the state written."""
     g = torch.Generator().manual_seed(seed)
     shapes = pipeline_shapes(pipe, components)
+    for component, targets in (target_modules or {}).items():
+        shapes |= pipeline_shapes(pipe, [component], targets)
     new = {
         name: {l: (torch.randn(n, p, generator=g) * scale, torch.randn(d, p, generator=g) * scale) for l, (n, d) in shapes.items()}
         for name in names
     }
     meta = {name: {"trigger": f"<{name}>"} for name in names}
     state, _ = ShareState.empty(shapes).merge(new, meta=meta, k_max=k_max)
-    save_share(state, path)
+    convs = conv_layers({c: getattr(pipe, c) for c in COMPONENTS if getattr(pipe, c, None) is not None}, shapes)
+    save_share(state, path, ShareConfig(conv_layers=convs).to_dict())
     return state
 
 
