@@ -23,10 +23,11 @@ from benchmarks.systems.merge import bench_merge
 from benchmarks.systems.report import environment, markdown, plot
 from benchmarks.systems.switch import bench_switch
 from benchmarks.systems.training import bench_training, train_worker
+from benchmarks.systems.transformers import TRANSFORMER_ARCHS, bench_transformers
 
 SECTIONS = {"switch": bench_switch, "compile": bench_compile, "inference": bench_inference, "training": bench_training,
-            "merge": bench_merge, "archs": bench_archs}
-RUN_ORDER = ["archs", "switch", "compile", "inference", "training", "merge"]  # the largest models while memory is fresh
+            "merge": bench_merge, "archs": bench_archs, "transformers": bench_transformers}
+RUN_ORDER = ["archs", "transformers", "switch", "compile", "inference", "training", "merge"]  # the largest models while memory is fresh
 
 
 def parse_args(argv=None):
@@ -41,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed rounds of the inference comparisons")
     p.add_argument("--compile-backend", default="inductor")
     p.add_argument("--archs", nargs="+", default=None, help="architectures of the 'archs' section (default: sd15 sdxl)")
+    p.add_argument("--transformer-archs", nargs="+", default=None, choices=list(TRANSFORMER_ARCHS),
+                   help="architectures of the 'transformers' section (default: flux1-dev sd35-large)")
     p.add_argument("--arch-dtype", default=None, choices=list(DTYPES), help="dtype of the 'archs' section (default: --dtype)")
     p.add_argument("--train-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -71,6 +74,10 @@ def parse_args(argv=None):
     args.merge_repeats = 1 if q else 3
     args.archs = args.archs or (["tiny", "tiny-xl"] if q else ["sd15", "sdxl"])
     args.arch_size = 8 if q else 16
+    args.transformer_archs = args.transformer_archs or (["tiny-flux", "tiny-sd3"] if q else ["flux1-dev", "sd35-large"])
+    args.transformer_concepts = (1, 10) if q else (1, 100, 1000)
+    args.transformer_batch = 2 if q else 4
+    args.transformer_tokens, args.transformer_text_tokens = (16, 8) if q else (64, 16)
     return args
 
 
