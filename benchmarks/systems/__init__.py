@@ -17,6 +17,9 @@ Sections (``--sections``, default all), one module each:
   archs      SD 1.5 and SDXL (UNet + text encoders) from the config dicts in
              ``benchmarks/configs``, randomly initialised: inject, train a step, merge, load,
              fuse, export; stored bytes and trainable parameters against LoRA
+  transformers  FLUX.1-dev and SD 3.5 Large transformers from their configs: bytes per concept
+             against LoRA r16 / r64 and the k = 32 basis, switch latency on the full models' layers,
+             unfused / fused / mixed-batch step time on their first blocks at full width
 
 ``harness`` holds what the sections share (models and pipelines from the configs, synthetic Share
 states and LoRAs, timing, memory), ``report`` the JSON / markdown / plot output, ``cli`` the
