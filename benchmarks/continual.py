@@ -540,10 +540,15 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--concepts {args.concepts}, but {' '.join(args.concepts_dir)} hold {len(concepts)} concept folders "
                          f"(make more with: python train/make_concepts.py --count {args.concepts} --output DIR)")
     references = reference_losses(concepts, args.references)
-    if None in references and "lora" not in args.methods:
-        missing = [c.name for c, r in zip(concepts, references) if r is None]
-        raise SystemExit(f"no reference loss (score 1) for {len(missing)} concepts ({', '.join(missing[:3])}, …): "
-                         "add --methods lora, or take them from another run's with --references DIR")
+    missing = [c.name for c, r in zip(concepts, references) if r is None]
+    if missing and "lora" not in args.methods:
+        if not args.references:
+            raise SystemExit(f"no reference loss (score 1) for {len(missing)} concepts ({', '.join(missing[:3])}, …): "
+                             "add --methods lora, or take them from another run's with --references RUN")
+        # e.g. the named independent-LoRA run is still going: this run's raw losses are kept, and the same command
+        # run again once it has finished scores them (a finished run only re-scores)
+        print(f"warning: --references has no loss yet for {len(missing)} concepts ({', '.join(missing[:3])}, …); their scores stay "
+              "empty until this command is run again after the reference run has them", flush=True)
     base_losses = cached(out / "base_losses.json", settings(args, concepts),
                          lambda: [concept_loss(load_base(args.base), c, args.heldout_images) for c in concepts])
     lrs, sweeps = cached(out / "learning_rates.json", dict(settings(args, concepts), lrs=args.lrs, lr=args.lr),

@@ -218,8 +218,8 @@ def _norm2(B: torch.Tensor, A: torch.Tensor) -> float:
 
 def read_lora(path, weight_name: str | None = None, **hub_kwargs) -> Factors:
     """A LoRA (file, PEFT folder, Hub repo id or state dict) as ``{layer: (B n×r, A d×r)}`` in Share's
-    layer naming, scale folded in; layers outside Share's targets are left out with a warning that
-    says how much of the LoRA they hold (`loras_to_share` refuses them unless allowed)."""
+    layer naming, scale folded in; layers Share cannot hold (convolutions larger than 1×1) are left out
+    with a warning that says how much of the LoRA they hold (`loras_to_share` refuses them unless allowed)."""
     factors, dropped, _ = read_lora_parts(path, weight_name, **hub_kwargs)
     if dropped:
         warnings.warn(f"{_describe(path, factors, dropped)} were not read.", stacklevel=2)
@@ -283,7 +283,10 @@ def loras_to_share(
                     raise ShareFileError(f"LoRAs disagree on the shape of {layer}: {shapes[layer]} vs {shape}.")
     for name, factors in loras.items():
         for layer, (B, A) in factors.items():
-            if layer not in shapes or shapes[layer] != (B.shape[0], A.shape[0]):
+            if layer not in shapes:
+                raise ShareFileError(f"LoRA {name!r} adapts {layer}, which shapes= does not list (for a pipeline's layers beyond "
+                                     "the defaults: pipeline_shapes(pipe, target_modules=…), or leave shapes out).")
+            if shapes[layer] != (B.shape[0], A.shape[0]):
                 raise ShareFileError(f"LoRA {name!r}: layer {layer} {(B.shape[0], A.shape[0])} does not fit the base model.")
     sources = ["<LoRA state dict>" if isinstance(f, Mapping) else str(f) for f in lora_files]
     meta = {name: {"trigger": t, "source": s} for name, s, t in zip(names, sources, triggers or [None] * len(names))}

@@ -106,7 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--sample_batch_size", type=int, default=4)
     a("--prior_generation_precision", choices=["no", "fp32", "fp16", "bf16"], default=None)
     # optimisation
-    a("--train_text_encoder", action="store_true", help="Also adapt the text encoder's attention projections.")
+    a("--train_text_encoder", action="store_true", help="Also adapt the text encoder (its attention projections, or --text_encoder_target_modules).")
     a("--pre_compute_text_embeddings", action="store_true",
       help="Encode every caption once before training, then keep the text encoder off the accelerator until validation.")
     a("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (pip install bitsandbytes).")
