@@ -131,6 +131,23 @@ def test_scores_use_the_stored_references_or_else_the_runs_independent_loras():
     assert continual.scored(summary)["methods"]["lora"]["R"][1] == pytest.approx([0.4, 0.8])
 
 
+def test_references_come_from_several_runs_finished_or_not(tmp_path):
+    """--references RUN ...: a finished run's continual.json or a run folder (its LoRAs' progress so far); a concept
+    no reference run has yet stays None (this run's raw losses are kept, and scored when the command runs again)."""
+    concepts = world.list_concepts(share_lab.CONCEPTS)[:3]
+    names = [c.name for c in concepts]
+    finished = tmp_path / "finished.json"
+    finished.write_text(json.dumps({"concepts": names[:1], "methods": {"lora": {"R_loss": [[0.25]]}}}))
+    going = tmp_path / "going"
+    (going / "lora").mkdir(parents=True)
+    (going / "lora" / "progress.json").write_text(json.dumps({"settings": {"concepts": names[1:]}, "R_loss": [[0.5, None]]}))
+    for c in concepts:  # the shipped concepts' own stored references are set aside for this test
+        c.metadata.pop("evaluation", None)
+    assert continual.reference_losses(concepts, [str(finished), str(going)]) == [0.25, 0.5, None]
+    with pytest.raises(SystemExit, match="has no independent-LoRA"):
+        continual.reference_losses(concepts, [str(tmp_path)])
+
+
 def test_fold_loras_keeps_every_lora_when_k_holds_them_all(quick_run, tmp_path):
     """Two rank-4 LoRAs fit exactly in k = 8 directions (retention 1, no error); k = 2 cannot hold them."""
     out, quick_summary = quick_run
