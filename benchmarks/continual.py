@@ -559,6 +559,10 @@ def main(argv=None) -> dict:
     for method in args.methods:
         print(f"== {method} (lr {lrs[LR_FAMILY[method]]:g})")
         results[method] = run_method(method, args, concepts, lrs[LR_FAMILY[method]], out / method, drift_references)
+    references = reference_losses(concepts, args.references)  # again: the reference run may have finished meanwhile
+    if None in references and "lora" not in args.methods:
+        raise SystemExit(f"every concept is learned and measured (kept in {out}), but --references still has no loss for "
+                         f"{references.count(None)} concepts: run this command again once the reference run has them.")
     summary = {**settings(args, concepts), "images": args.images, "identity_images": args.identity_images, "eval_every": args.eval_every,
                "sample_steps": args.sample_steps, "drift_prompts": args.drift_prompts,
                "base_losses": base_losses, "stored_reference_losses": references,
