@@ -34,12 +34,11 @@ class ShareConfig:
     def __post_init__(self):
         for name in ("target_modules", "text_encoder_target_modules", "conv_layers"):
             value = getattr(self, name)
-            if isinstance(value, (list, tuple)):
-                if not all(isinstance(v, str) and v for v in value):
-                    raise ValueError(f"{name} must be a list of non-empty module names, got {value!r}.")
-                object.__setattr__(self, name, tuple(value))  # JSON gives lists; a frozen config holds tuples
-            elif value is not None and not (isinstance(value, str) and name != "conv_layers"):
-                raise ValueError(f"{name} must be a list of module names{' or a regex' if name != 'conv_layers' else ''}, got {value!r}.")
+            if value is None or (isinstance(value, str) and name != "conv_layers"):  # unset, or one regex
+                continue
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+                raise ValueError(f"{name} must be a list of non-empty module names, got {value!r}.")
+            object.__setattr__(self, name, tuple(value))  # JSON gives lists; a frozen config holds tuples
         for name in ("basis_rank", "coef_rank"):
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("num_extra_directions", self.num_extra_directions, minimum=0)
