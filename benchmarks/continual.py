@@ -705,14 +705,18 @@ def hardware() -> str:
 def table(summary: dict) -> str:
     m = summary["methods"]
     ref = m.get("lora", {})
-    rows = ["| method | avg score | forgetting | backward transfer | discriminative identity | identity acc. | drift | "
+    rows = ["| method | avg score | forgetting | backward transfer | discriminative identity | identity acc. [95 %] | drift | "
             "bytes / concept | trainable params | wall time |", "|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, d=3: "–" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{d}f}"  # noqa: E731
     for name, r in m.items():
         ratio = f" ({ref['bytes_per_concept'] / r['bytes_per_concept']:.0f}× smaller)" if ref and name == "share" else ""
-        identity = np.mean(r["identity"]) if "identity" in r else None
+        identity = "–"
+        if r.get("identity"):  # every concept's images pooled: the interval sampling leaves open
+            n = len(r["identity"]) * summary["images"]
+            low, high = evaluation.wilson_interval(round(np.mean(r["identity"]) * n), n)
+            identity = f"{np.mean(r['identity']):.2f} [{low:.2f}, {high:.2f}]"
         rows.append(f"| {name} | {f(r['average_score'])} | {f(r.get('forgetting'))} | {f(r.get('backward_transfer'))} | "
-                    f"{f(r.get('discriminative', {}).get('accuracy'), 2)} | {f(identity, 2)} | {f(r['drift'], 4)} | "
+                    f"{f(r.get('discriminative', {}).get('accuracy'), 2)} | {identity} | {f(r['drift'], 4)} | "
                     f"{r['bytes_per_concept']:,.0f}{ratio} | {r['trainable_params']:,} | {r['wall_s']:.0f} s |")
     notes = []
     if "share" in m:

@@ -109,6 +109,19 @@ def test_drift_is_zero_for_the_base_and_large_for_a_damaged_model(base, concepts
     assert quality(damaged) < quality(base) - 0.3
 
 
+def test_wilson_interval_has_its_textbook_values_and_its_coverage():
+    assert evaluation.wilson_interval(0, 100) == pytest.approx((0.0, 0.0370), abs=1e-4)
+    assert evaluation.wilson_interval(50, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+    assert evaluation.wilson_interval(12, 24) == pytest.approx((0.3143, 0.6857), abs=1e-4)
+    # the 95 % interval of 100 draws holds the true rate about 95 % of the time, at any rate
+    rng = np.random.default_rng(0)
+    for rate in (0.05, 0.3, 0.85):
+        covered = [lo <= rate <= hi for lo, hi in (evaluation.wilson_interval(int(k), 100) for k in rng.binomial(100, rate, 2000))]
+        assert 0.92 <= np.mean(covered) <= 0.98, rate
+    with pytest.raises(ValueError, match="hits"):
+        evaluation.wilson_interval(5, 4)
+
+
 def test_untrained_base_cannot_draw_a_concept_but_its_lora_can(base, classifier):
     # the concept whose reference LoRA draws it best (stored by train_reference_loras.py): 400 steps
     # of rank 4 on 5 images leave some reference LoRAs below 0.2 identity, see the README
