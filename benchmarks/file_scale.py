@@ -6,7 +6,7 @@ concept cost more than the one before. Version 2 stores four stacked tensors per
 ≤ 1 s at 1000 concepts and ≤ 10 s at 10,000 on the project's 2-core CPU.
 
 States are synthetic, on the tiny base's layers (names and n × d from the shipped demo Share
-file, ``assets/demo.share.safetensors``): k = 16 directions per layer (``--basis_rank`` default),
+file, ``assets/demo.share.safetensors``): k = 16 directions per layer (``--k``),
 p = 1 per concept (``--coef_rank`` default), random orthonormal bases and random coefficients,
 and per concept the metadata learn_concept.py writes, with a merge-error history of 5 entries.
 Timings are the median of ``--repeats`` runs (after one warm-up) of the whole ``save_share`` (lock,

@@ -81,6 +81,7 @@ def test_a_second_concept_changes_the_first_only_by_re_projection(tmp_path):
         den += (before**2).sum()
     assert second.concepts[0]["merge_errors"][-1] == pytest.approx((num / den).sqrt().item(), abs=1e-4)
     assert "merge err" in result.stdout and a in result.stdout and b in result.stdout
+    assert json.loads((tmp_path / "run1" / "report.json").read_text())["finetune_after_merge_steps"] == 1  # default: a quarter of 4 steps
     assert (tmp_path / "README.md").read_text().count("|") > 10  # the model card lists both concepts
 
 
@@ -404,6 +405,7 @@ def test_flag_errors_are_clear_and_come_before_any_model_loads(tmp_path, monkeyp
     for flags, message in [
         (["--use_8bit_adam"], "--use_8bit_adam needs bitsandbytes.*pip install bitsandbytes"),
         (["--num_heldout_images", "-1"], "--num_heldout_images must be 0 or more, got -1"),
+        (["--finetune_after_merge_steps", "-2"], "--finetune_after_merge_steps must be 0 or more, got -2"),
         (["--push_to_hub"], "--push_to_hub needs the network, but HF_HUB_OFFLINE is set"),
         (["--pre_compute_text_embeddings", "--train_text_encoder"], "cannot be combined with --train_text_encoder"),
         (["--validation_images", str(tmp_path / "junk.png")], "--validation_images: .*junk.png is not a readable image"),
@@ -492,9 +494,9 @@ def test_the_post_merge_fine_tune_moves_only_the_new_concepts_denoiser_coefficie
     images, captions = [e.image for e in examples[:2]], [e.caption for e in examples[:2]]
     reference = heldout_loss(pipe, images, captions)
 
-    args = Namespace(concept_name="new", seed=0, finetune_after_merge_steps=3, learning_rate=1e-2, train_batch_size=2, max_grad_norm=1.0,
+    args = Namespace(concept_name="new", seed=0, learning_rate=1e-2, train_batch_size=2, max_grad_norm=1.0,
                      resolution=resolution, max_sequence_length=16, guidance_scale=3.5, weighting_scheme=None)
-    tuned = script.finetune_after_merge(args, pipe, merged, examples)
+    tuned = script.finetune_after_merge(args, pipe, merged, examples, steps=3)
 
     untrained = set()
     for name, layer in tuned.layers.items():

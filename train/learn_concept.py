@@ -169,7 +169,9 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="The same for the text encoders with --train_text_encoder (new file: self_attn q/k/v/out_proj; e.g. add fc1 fc2).")
     a("--rebase", action="store_true", help="Allow basis settings that differ from the file's: the merge refits the subspace under them.")
     a("--no_merge", action="store_true", help="Do not touch the Share file; save the trained concept as a LoRA file instead.")
-    a("--finetune_after_merge_steps", type=int, default=0, help="Fine-tune the new coefficients in the merged basis.")
+    a("--finetune_after_merge_steps", type=int, default=None,
+      help="Then fine-tune the new concept's coefficients in the merged basis for this many steps, which recovers what a "
+           "lossy merge took (default: a quarter of the training steps; 0: off).")
     a("--overwrite_concept", action="store_true", help="Replace a concept of the same name.")
     args = p.parse_args(argv)
     _apply_defaults(args)
@@ -334,8 +336,9 @@ def learn(args) -> dict | None:
 
 def check_flags(args) -> None:
     """Flag combinations and optional packages, checked before any model is loaded (names as in train_dreambooth_lora.py)."""
-    if args.num_heldout_images is not None and args.num_heldout_images < 0:
-        fail(f"--num_heldout_images must be 0 or more, got {args.num_heldout_images}.")
+    for flag in ("num_heldout_images", "finetune_after_merge_steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
+            fail(f"--{flag} must be 0 or more, got {getattr(args, flag)}.")
     if args.pre_compute_text_embeddings and args.train_text_encoder:
         fail("--pre_compute_text_embeddings cannot be combined with --train_text_encoder (the text encoder's output changes while training).")
     if args.use_8bit_adam:
@@ -777,12 +780,13 @@ def merge_and_report(args, pipe, old_state: ShareState, trained: Trained, meta: 
     new_state, merge_report = old_state.merge(
         {args.concept_name: trained.factors}, meta={args.concept_name: meta}, **args.config.merge_kwargs()
     )
-    if args.finetune_after_merge_steps:
-        new_state = finetune_after_merge(args, pipe, new_state, trained.examples)
+    finetune_steps = trained.steps // 4 if args.finetune_after_merge_steps is None else args.finetune_after_merge_steps
+    if finetune_steps:
+        new_state = finetune_after_merge(args, pipe, new_state, trained.examples, finetune_steps)
     losses_after = concept_losses(pipe, new_state, args.seed, trained.old_heldout | {args.concept_name: trained.heldout})
     trained_loss, steps = trained.loss, trained.steps
 
-    report = {"concept": args.concept_name, "share_path": str(args.share_path), "steps": steps,
+    report = {"concept": args.concept_name, "share_path": str(args.share_path), "steps": steps, "finetune_after_merge_steps": finetune_steps,
               "wall_time_s": round(time.time() - trained.started, 1), "concepts": {}}
     for name in new_state.names:
         entry = {"merge_error": merge_report[name]["overall"], "heldout_loss_before": losses_before.get(name),
@@ -796,7 +800,7 @@ def merge_and_report(args, pipe, old_state: ShareState, trained: Trained, meta: 
     return new_state, report, args.config.to_dict()
 
 
-def finetune_after_merge(args, pipe, state: ShareState, examples) -> ShareState:
+def finetune_after_merge(args, pipe, state: ShareState, examples, steps: int) -> ShareState:
     """Fine-tune the new concept's k×p coefficients of the UNet or transformer in the merged basis
     (basis frozen, φ = 0), with the run's objective."""
     c = state.index(args.concept_name)
@@ -808,7 +812,7 @@ def finetune_after_merge(args, pipe, state: ShareState, examples) -> ShareState:
         layer.B = torch.nn.Parameter(state.layers[name].B[c].clone().to(layer.U))
         layer.A = torch.nn.Parameter(state.layers[name].A[c].clone().to(layer.U))
     flow = FlowMatching(pipe, args.max_sequence_length, args.guidance_scale, args.weighting_scheme) if component == "transformer" else None
-    train_in_process(pipe, list(trainer.parameters()), examples, args.finetune_after_merge_steps, args.learning_rate * 0.3,
+    train_in_process(pipe, list(trainer.parameters()), examples, steps, args.learning_rate * 0.3,
                      batch_size=args.train_batch_size, seed=args.seed, max_grad_norm=args.max_grad_norm,
                      resolution=args.resolution, flow=flow)
     detach_new_concept(models)
