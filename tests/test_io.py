@@ -46,7 +46,7 @@ from share_lab.share_v1 import save_share_v1
 from share_lab.tiny_pipelines import synthetic_state
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "assets" / "demo.share.safetensors"
+V1_FILE = ROOT / "tests" / "data" / "share-v1.safetensors"  # the demo file that version 1 of share-diffusers shipped
 SHAPES = {"unet.a.to_q": (6, 5), "unet.b.to_k": (4, 3), "text_encoder.c.q_proj": (5, 5)}
 KS = {"unet.a.to_q": 3, "unet.b.to_k": 2, "text_encoder.c.q_proj": 1}
 WIDTHS = [1, 2, 1]  # concept "owl" is 2 wide, so the others are zero-padded in v2
@@ -175,8 +175,8 @@ def test_empty_states_and_empty_layers_round_trip(tmp_path):
     assert_same(read_share(save_share(one, tmp_path / "one.safetensors"))[0], one)
 
 
-def test_the_shipped_v1_demo_file_loads_and_is_rewritten_as_v2(tmp_path):
-    state, header = read_share(DEMO)
+def test_the_v1_demo_file_once_shipped_loads_and_is_rewritten_as_v2(tmp_path):
+    state, header = read_share(V1_FILE)
     assert header["format_version"] == 1
     assert state.names == ["striped-blob-00", "dotted-star-05", "checkered-blob-02", "ringed-star-07"]
     assert len(state.layers) == 24 and {l.k for l in state.layers.values()} == {4}

@@ -27,7 +27,8 @@ from share_lab.tiny_pipelines import SDXL_UNET, tokenizer_dir  # the test suite'
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "benchmarks" / "configs"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Share defaults of train/learn_concept.py: --basis_rank 16, --coef_rank 1, --num_extra_directions 2
+# Share's settings in docs/results/systems.*: k = 16 (learn_concept.py's --basis_rank default when they were measured; now 8),
+# --coef_rank 1, --num_extra_directions 2
 K, P, PHI = 16, 1, 2
 
 # ----------------------------------------------------------------------------- architectures
