@@ -37,7 +37,7 @@ from .config import ShareConfig, stored_config
 from .hub import is_repo_id, resolve_file
 from .io import ShareFileError, atomic_write, read_share, save_share
 from .subspace import ShareState, balance
-from .targets import COMPONENTS, kind, split_layer
+from .targets import COMPONENTS, is_t5, kind, split_layer
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # Diffusers' file name (LORA_WEIGHT_NAME_SAFE)
@@ -148,6 +148,10 @@ def read_lora_parts(path, weight_name: str | None = None, **hub_kwargs) -> tuple
     raise, naming them: nothing is ever dropped unmeasured."""
     sd, metadata, config, path = _source(path, weight_name, **hub_kwargs)
     _check_format(sd, path)
+    t5 = [k for k in sd if k.startswith(("text_encoders.t5xxl.", "lora_te3_"))]
+    if t5:  # Diffusers' Flux converter filters these out: importing the rest would drop them unmeasured
+        raise ShareFileError(f"{path} has LoRA layers for the T5 text encoder (e.g. {t5[0]!r}), which Diffusers' converters drop "
+                             "(load_lora_weights ignores them too); Share does not import T5 LoRA layers yet.")
     if any(_FLUX_ORIGINAL.search(k) for k in sd):
         sd = FluxLoraLoaderMixin.lora_state_dict(sd)  # to transformer.…lora_A/B, alphas folded
         unconverted = [k for k in sd if k.partition(".")[0] not in COMPONENTS]
@@ -344,6 +348,11 @@ def write_lora(factors: Factors, output_path: str | os.PathLike, format: str = "
     if format == "kohya" and any(split_layer(layer)[0] == "transformer" for layer in factors):
         raise ValueError("format='kohya' writes UNet pipelines' LoRAs (SD 1.x/2.x, SDXL); export SD3/Flux concepts with "
                          "format='diffusers', which their load_lora_weights reads.")
+    t5 = sorted({c for c, m in map(split_layer, factors) if kind(c) == "text" and is_t5(m)})
+    if t5:
+        raise ValueError(f"This concept adapts the T5 text encoder ({', '.join(t5)}), which Diffusers' load_lora_weights does not "
+                         "load (it reads the transformer's and the CLIP text encoders' LoRA layers only), so a LoRA file would "
+                         "silently lose that part; use the concept from its Share file with pipe.load_share.")
     tensors = {}
     two_encoders = any(split_layer(layer)[0] == "text_encoder_2" for layer in factors)
     kohya_prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if two_encoders else "lora_te_", "text_encoder_2": "lora_te2_"}

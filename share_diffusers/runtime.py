@@ -146,7 +146,7 @@ class ShareRuntime:
             weights, prompt_group = resolve_selection(self.state, cak["share"])
             adapter.select(weights)
             self._call_selection = True
-            if "text_encoder" in self.models and not self._warned_text:
+            if any(c not in DENOISERS for c in self.models) and not self._warned_text:
                 self._warned_text = True
                 warnings.warn(
                     f"{key}['share'] selects concepts in the {'UNet' if key == DENOISERS['unet'] else 'transformer'}; the text encoders use the "

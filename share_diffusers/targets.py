@@ -6,7 +6,8 @@ its target projections, named as in PEFT's ``target_modules`` (the last part of 
 * ``unet``: ``to_q/to_k/to_v/to_out.0`` of every Diffusers `Attention`, what Diffusers'
   ``train_dreambooth_lora.py`` targets;
 * ``text``: ``self_attn.{q,k,v,out}_proj`` of a transformers CLIP text encoder, named without the
-  leading ``text_model.`` so both transformers layouts share one naming;
+  leading ``text_model.`` so both transformers layouts share one naming, or ``SelfAttention.{q,k,v,o}``
+  of a T5 encoder (Flux's ``text_encoder_2``, SD3's ``text_encoder_3``; `TEXT_TARGETS`, by model class);
 * ``transformer`` (SD3, Flux): the Linears inside the blocks whose names end in one of the model
   class's `TRANSFORMER_TARGETS` (joint attention ``to_q/k/v/out.0``, ``add_{q,k,v}_proj``,
   ``to_add_out``, the feed-forwards, Flux's single-block ``proj_mlp``/``proj_out``): what Diffusers'
@@ -37,9 +38,15 @@ TRANSFORMER_TARGETS = {  # by model class; a module is a target if its name ends
     "SD3Transformer2DModel": _JOINT_ATTENTION + _FEED_FORWARD,
     "FluxTransformer2DModel": _JOINT_ATTENTION + _FEED_FORWARD + ("proj_mlp", "proj_out"),
 }
+_CLIP_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
+TEXT_TARGETS = {  # by model class, as TRANSFORMER_TARGETS; another class gets PROJECTIONS["text"] (CLIP's)
+    "CLIPTextModel": _CLIP_ATTENTION,
+    "CLIPTextModelWithProjection": _CLIP_ATTENTION,
+    "T5EncoderModel": ("SelfAttention.q", "SelfAttention.k", "SelfAttention.v", "SelfAttention.o"),
+}
 PROJECTIONS = {
     "unet": ("to_q", "to_k", "to_v", "to_out.0"),
-    "text": ("q_proj", "k_proj", "v_proj", "out_proj"),
+    "text": _CLIP_ATTENTION,
     "transformer": tuple(dict.fromkeys(t for targets in TRANSFORMER_TARGETS.values() for t in targets)),
 }
 LORA_EXTRA = {  # beside the defaults, what LoRAs in the wild adapt (kohya's defaults; --target_modules of Diffusers' scripts)
@@ -47,7 +54,7 @@ LORA_EXTRA = {  # beside the defaults, what LoRAs in the wild adapt (kohya's def
     "text": ("mlp.fc1", "mlp.fc2"),
     "transformer": (),
 }
-COMPONENTS = {"unet": "unet", "text_encoder": "text", "text_encoder_2": "text", "transformer": "transformer"}
+COMPONENTS = {"unet": "unet", "text_encoder": "text", "text_encoder_2": "text", "text_encoder_3": "text", "transformer": "transformer"}
 DENOISERS = {"unet": "cross_attention_kwargs", "transformer": "joint_attention_kwargs"}  # and the forward kwarg of attention kwargs
 
 
@@ -61,6 +68,11 @@ def kind(component: str) -> str:
     if component not in COMPONENTS:
         raise ValueError(f"Share adapts the components {', '.join(COMPONENTS)}; got {component!r}.")
     return COMPONENTS[component]
+
+
+def is_t5(module_name: str) -> bool:
+    """Whether a text encoder's Share module name is a T5 encoder's (``encoder.block.…``; CLIP's are ``encoder.layers.…``)."""
+    return module_name.startswith(("encoder.block.", "shared"))
 
 
 def split_layer(name: str) -> tuple[str, str]:
@@ -119,15 +131,11 @@ def _defaults(model: nn.Module, component: str) -> dict[str, nn.Module]:
                     sub = module.get_submodule(proj)
                     if isinstance(base_linear(sub), nn.Linear):
                         targets[f"{name}.{proj}"] = sub
-    elif kind(component) == "transformer":
-        suffixes = tuple("." + p for p in TRANSFORMER_TARGETS.get(type(model).__name__, projections))
+    else:  # suffixes of the model class's targets, inside its blocks
+        registry = TRANSFORMER_TARGETS if kind(component) == "transformer" else TEXT_TARGETS
+        suffixes = tuple("." + p for p in registry.get(type(model).__name__, projections))
         for name, module in model.named_modules():
             if name.endswith(suffixes) and isinstance(base_linear(module), nn.Linear):
-                targets[name] = module
-    else:
-        for name, module in model.named_modules():
-            parent, _, leaf = name.rpartition(".")
-            if leaf in projections and parent.endswith("self_attn") and isinstance(base_linear(module), nn.Linear):
                 targets[name.removeprefix("text_model.")] = module
     return targets
 

@@ -408,12 +408,21 @@ def test_flag_errors_are_clear_and_come_before_any_model_loads(tmp_path, monkeyp
         (["--finetune_after_merge_steps", "-2"], "--finetune_after_merge_steps must be 0 or more, got -2"),
         (["--push_to_hub"], "--push_to_hub needs the network, but HF_HUB_OFFLINE is set"),
         (["--pre_compute_text_embeddings", "--train_text_encoder"], "cannot be combined with --train_text_encoder"),
+        (["--pre_compute_text_embeddings", "--train_t5"], "cannot be combined with --train_t5"),
         (["--validation_images", str(tmp_path / "junk.png")], "--validation_images: .*junk.png is not a readable image"),
         (["--pretrained_model_name_or_path", "nobody/absent"], "'nobody/absent'.*HF_HUB_OFFLINE is set.*not in the local Hub cache"),
     ]:
         with pytest.raises(SystemExit, match=message):
             script.main(script.parse_args(common + flags))
     assert not (tmp_path / "s.safetensors").exists() and not (tmp_path / "out").exists()  # nothing loaded, nothing written
+
+
+def test_train_t5_on_a_base_without_a_t5_encoder_is_refused_before_training(tmp_path, monkeypatch):
+    script = _script(monkeypatch)
+    with pytest.raises(SystemExit, match="--train_t5: this base model has no T5 text encoder"):
+        script.main(script.parse_args(["--instance_data_dir", str(concept(0) / "train"), "--share_path", str(tmp_path / "s.safetensors"),
+                                       "--output_dir", str(tmp_path / "out"), "--report_to", "none", "--train_t5"]))
+    assert not (tmp_path / "s.safetensors").exists()
 
 
 def test_push_to_hub_uploads_the_share_file_card_report_and_images_in_one_commit(tmp_path, monkeypatch):

@@ -64,6 +64,10 @@ def clip_components(pipe):
     return [c for c in ("text_encoder", "text_encoder_2") if f"{c}.encoder.layers.0.self_attn.q_proj" in pipeline_shapes(pipe)]
 
 
+def t5_component(pipe):
+    return "text_encoder_3" if "3" in type(pipe).__name__ else "text_encoder_2"
+
+
 def test_the_target_lists_cover_joint_attention_feed_forwards_and_single_blocks():
     sd3, flux = (pipeline_shapes(b(), ["transformer"]) for b in (tiny_sd3, tiny_flux))
     last = "transformer.transformer_blocks.1."  # SD3's last block is context_pre_only: no to_add_out, no ff_context
@@ -93,9 +97,9 @@ def test_nothing_selected_and_unloaded_are_bit_identical_to_the_base(pipe, tmp_p
 @pytest.mark.parametrize("mix", [{"dog": 1.0}, {"cat": 0.7, "owl": -0.4}])
 def test_selection_equals_adding_the_dense_delta(pipe, tmp_path, mix):
     state = random_share(pipe, tmp_path / "s.safetensors")
-    kw, ids = transformer_inputs(pipe), torch.randint(0, 500, (2, 77))
-    components = ["transformer", *clip_components(pipe)]
-    assert len(components) == (3 if "3" in type(pipe).__name__ else 2)
+    kw, ids = transformer_inputs(pipe), torch.randint(0, 200, (2, 77))  # within every tiny vocabulary (T5: 200)
+    components = ["transformer", *clip_components(pipe), t5_component(pipe)]
+    assert len(components) == (4 if "3" in type(pipe).__name__ else 3)
     dense = {c: dense_copy(getattr(pipe, c), state, c, mix) for c in components}
     pipe.load_share(tmp_path / "s.safetensors")
     with torch.no_grad():
@@ -170,8 +174,13 @@ def test_per_call_selection_and_scale_through_joint_attention_kwargs(tmp_path):
 
 
 def test_a_concept_exported_as_a_lora_gives_the_same_images(pipe, tmp_path):
-    """Transformer and CLIP layers (Flux's flattened CLIPTextModel, SD3's two encoders with projection)."""
-    random_share(pipe, tmp_path / "s.safetensors")
+    """Transformer and CLIP layers (Flux's flattened CLIPTextModel, SD3's two encoders with projection);
+    T5 layers, which Diffusers' LoRA loaders do not read, are refused rather than dropped."""
+    random_share(pipe, tmp_path / "t5.safetensors")
+    with pytest.raises(ValueError, match=f"T5 text encoder \\({t5_component(pipe)}\\).*silently lose"):
+        share_to_lora(tmp_path / "t5.safetensors", "cat", tmp_path / "lora.safetensors")
+    assert not (tmp_path / "lora.safetensors").exists()
+    random_share(pipe, tmp_path / "s.safetensors", components=["transformer", *clip_components(pipe)])
     pipe.load_share(tmp_path / "s.safetensors")
     pipe.set_share_concepts({"cat": 0.5, "owl": 0.5})
     share = generate(pipe)
@@ -185,7 +194,7 @@ def test_a_concept_exported_as_a_lora_gives_the_same_images(pipe, tmp_path):
 
 def test_fuse_then_unfuse_restores_every_weight_bit_exactly(pipe, tmp_path):
     random_share(pipe, tmp_path / "s.safetensors")
-    components = ["transformer", *clip_components(pipe)]
+    components = ["transformer", *clip_components(pipe), t5_component(pipe)]
     before = {(c, k): v.clone() for c in components for k, v in getattr(pipe, c).state_dict().items()}
     pipe.load_share(tmp_path / "s.safetensors")
     pipe.set_share_concepts({"cat": 0.6, "dog": 0.6})
@@ -251,7 +260,7 @@ def test_a_file_for_the_other_kind_of_model_is_refused_naming_the_mismatch(tmp_p
         flux.load_share(tmp_path / "sd.safetensors")
     with pytest.raises(ShareFileError, match=r"adapts the transformer \(a transformer pipeline: SD3, Flux\).*unet"):
         sd.load_share(tmp_path / "flux.safetensors")
-    with pytest.raises(ShareFileError, match="made for another base model: 21 of its 42 layers do not match"):
+    with pytest.raises(ShareFileError, match="made for another base model: 29 of its 50 layers do not match"):
         sd3.load_share(tmp_path / "flux.safetensors")
     assert not any(hasattr(m, "share_adapter") for p in (sd, sd3, flux) for m in p.components.values())
 
@@ -316,6 +325,13 @@ def test_flux_loras_in_four_key_styles_fold_in_and_give_the_loras_images(tmp_pat
                "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight": torch.zeros(96, 2)}, tmp_path / "bfl.safetensors")
     with pytest.raises(ShareFileError, match="Flux LoRA layout that Diffusers' FluxLoraLoaderMixin does not convert"):
         loras_to_share([tmp_path / "bfl.safetensors"], tmp_path / "no.safetensors")
+    # a T5 part (ComfyUI's text_encoders.t5xxl, kohya's lora_te3_), which Diffusers' converter filters out: refused, not dropped
+    for key in ("text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q", "lora_te3_encoder_block_0_layer_0_SelfAttention_q"):
+        t5 = {**flux_lora("comfyui", seed=0), f"{key}.lora_up.weight": torch.ones(32, 2), f"{key}.lora_down.weight": torch.ones(2, 32)}
+        save_file(t5, tmp_path / "t5.safetensors")
+        with pytest.raises(ShareFileError, match="LoRA layers for the T5 text encoder.*drop"):
+            loras_to_share([tmp_path / "t5.safetensors"], tmp_path / "no.safetensors")
+    assert not (tmp_path / "no.safetensors").exists()
 
 
 def _peft_deltas(pipe) -> dict[str, torch.Tensor]:
@@ -380,8 +396,10 @@ def test_an_sd3_lora_folds_in_and_exports_back(tmp_path):
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_learn_concept_trains_30_steps_and_load_share_reads_the_file(name, tmp_path):
     """Flow matching (Flux: packed latents, guidance embedding) lowers the held-out loss, with the
-    post-merge fine-tune after it; the file it writes loads on the pipeline. SD3's last block never reads its context queries, so that layer
-    learns nothing (k = 0 there): the file must still load and generate."""
+    post-merge fine-tune after it; the file it writes loads on the pipeline. With --train_t5 (Flux) the
+    T5 encoder's attention is adapted too and changes the prompt embeddings under the concept. SD3's
+    last block never reads its context queries, so that layer learns nothing (k = 0 there): the file
+    must still load and generate."""
     BUILDERS[name]().save_pretrained(tmp_path / "base")
     concept = sorted((Path(__file__).parents[1] / "assets" / "concepts").glob("*/concept.json"))[0].parent
     (tmp_path / "heldout").mkdir()
@@ -393,7 +411,7 @@ def test_learn_concept_trains_30_steps_and_load_share_reads_the_file(name, tmp_p
         "--heldout_data_dir", str(tmp_path / "heldout"), "--share_path", str(tmp_path / "share.safetensors"),
         "--output_dir", str(tmp_path / "run"), "--max_train_steps", "30", "--train_batch_size", "2", "--learning_rate", "1e-2",
         "--resolution", "32", "--max_sequence_length", "16", "--num_validation_images", "1", "--report_to", "none",
-        "--finetune_after_merge_steps", "5",
+        "--finetune_after_merge_steps", "5", *(["--train_t5"] if name == "flux" else []),
     ]))
     entry = report["concepts"][concept.name]
     assert entry["heldout_loss_before"] < 0.97 * entry["heldout_loss_base"] and entry["merge_error"] < 1e-5
@@ -404,3 +422,13 @@ def test_learn_concept_trains_30_steps_and_load_share_reads_the_file(name, tmp_p
     assert pipe.share_concepts[0].name == concept.name and hasattr(pipe.transformer, "share_adapter")
     pipe.set_share_concepts(concept.name)
     assert (generate(pipe) - base).abs().max() > 1e-3
+    t5_layers = [layer for layer in read_share(tmp_path / "share.safetensors")[0].shapes if layer.startswith("text_encoder_2.")]
+    if name == "flux":
+        assert len(t5_layers) == 8 and all(".SelfAttention." in layer for layer in t5_layers)
+        ids = torch.randint(0, 200, (1, 16))
+        with torch.no_grad():
+            adapted = pipe.text_encoder_2(ids)[0]
+            pipe.set_share_concepts(None)
+            assert (pipe.text_encoder_2(ids)[0] - adapted).abs().max() > 1e-4
+    else:
+        assert not t5_layers

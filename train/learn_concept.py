@@ -37,7 +37,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DCon
 from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, CLIPTextModel
+from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
 from share_diffusers import ShareConfig, ShareFileError, ShareState, read_share
 from share_diffusers.card import write_model_card
@@ -48,7 +48,7 @@ from share_diffusers.lora import write_lora
 from share_diffusers.names import check_concept_name, check_trigger
 from share_diffusers.pipeline import check_compatible
 from share_diffusers.subspace import balance
-from share_diffusers.targets import conv_layers, denoiser, model_shapes
+from share_diffusers.targets import COMPONENTS, conv_layers, denoiser, model_shapes
 from share_diffusers.training import (
     ConceptDataset,
     FlowMatching,
@@ -106,7 +106,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--sample_batch_size", type=int, default=4)
     a("--prior_generation_precision", choices=["no", "fp32", "fp16", "bf16"], default=None)
     # optimisation
-    a("--train_text_encoder", action="store_true", help="Also adapt the text encoder (its attention projections, or --text_encoder_target_modules).")
+    a("--train_text_encoder", action="store_true",
+      help="Also adapt the CLIP text encoder(s) (their attention projections, or --text_encoder_target_modules).")
+    a("--train_t5", action="store_true", help="SD3 / Flux: also adapt the T5 text encoder (SelfAttention q/k/v/o, or "
+      "--text_encoder_target_modules). Diffusers' LoRA loaders do not read T5 layers, so such a concept cannot be exported as a LoRA.")
     a("--pre_compute_text_embeddings", action="store_true",
       help="Encode every caption once before training, then keep the text encoder off the accelerator until validation.")
     a("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (pip install bitsandbytes).")
@@ -308,7 +311,7 @@ def learn(args) -> dict | None:
         fail(f"{args.pretrained_model_name_or_path} is not a Diffusers pipeline folder (no model_index.json).")
     accelerator = make_accelerator(args)
     base = load_base(args, accelerator)
-    models = {base.component: base.unet} | ({"text_encoder": base.text_encoder} if args.train_text_encoder else {})
+    models = trained_models(args, base)
     if base.flow is not None and (args.pre_compute_text_embeddings or args.tokenizer_name or args.validation_images):
         fail("--pre_compute_text_embeddings, --tokenizer_name and --validation_images are not available on transformer pipelines "
              "(SD3, Flux) yet.")
@@ -334,13 +337,31 @@ def learn(args) -> dict | None:
     return result
 
 
+def text_encoders(base: Base) -> dict[str, torch.nn.Module]:
+    """The base's text encoders by component (SD3 and Flux have two or three)."""
+    if base.flow is None:
+        return {"text_encoder": base.text_encoder}
+    return {c: m for c in COMPONENTS if c.startswith("text_encoder") and (m := getattr(base.flow.pipe, c, None)) is not None}
+
+
+def trained_models(args, base: Base) -> dict[str, torch.nn.Module]:
+    """The components this run adapts: the denoiser, and the CLIP (--train_text_encoder) and T5 (--train_t5) text encoders."""
+    encoders = text_encoders(base)
+    t5 = {c for c, m in encoders.items() if isinstance(m, T5EncoderModel)}
+    if args.train_t5 and not t5:
+        fail("--train_t5: this base model has no T5 text encoder (SD3 and Flux have one).")
+    chosen = {c: m for c, m in encoders.items() if (args.train_t5 if c in t5 else args.train_text_encoder)}
+    return {base.component: base.unet} | chosen
+
+
 def check_flags(args) -> None:
     """Flag combinations and optional packages, checked before any model is loaded (names as in train_dreambooth_lora.py)."""
     for flag in ("num_heldout_images", "finetune_after_merge_steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 0:
             fail(f"--{flag} must be 0 or more, got {getattr(args, flag)}.")
-    if args.pre_compute_text_embeddings and args.train_text_encoder:
-        fail("--pre_compute_text_embeddings cannot be combined with --train_text_encoder (the text encoder's output changes while training).")
+    for flag in ("train_text_encoder", "train_t5"):
+        if args.pre_compute_text_embeddings and getattr(args, flag):
+            fail(f"--pre_compute_text_embeddings cannot be combined with --{flag} (the text encoder's output changes while training).")
     if args.use_8bit_adam:
         try:
             import bitsandbytes  # noqa: F401
@@ -431,7 +452,7 @@ def share_to_extend(args, base: Base, models: dict) -> ShareState:
     """The Share file's state this concept joins (its namesake dropped with --overwrite_concept);
     sets ``args.config``, the settings it is continued with."""
     try:
-        state, args.config = load_state(args, {base.component: base.unet, "text_encoder": base.text_encoder}, models)
+        state, args.config = load_state(args, {base.component: base.unet} | text_encoders(base), models)
     except (ShareFileError, FileNotFoundError) as e:
         fail(str(e))
     if args.concept_name in state.names:  # --overwrite_concept: drop it, refit the rest
@@ -585,7 +606,7 @@ class Cache:
                         d = latent_dist(vae, pixels)
                         self.dists[(i, flip)] = (d.mean, d.std)
         self.texts = {}
-        self.cache_text = not args.train_text_encoder
+        self.cache_text = not (args.train_text_encoder or args.train_t5)
 
     def latents(self, batch) -> torch.Tensor:
         if self.dists:
