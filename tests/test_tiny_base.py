@@ -68,3 +68,18 @@ def test_fp32_and_within_size_budget(pipe):
     assert all(p.dtype == torch.float32 for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters())
     total = sum(f.stat().st_size for f in share_lab.ASSETS.rglob("*.safetensors"))  # every shipped weight
     assert total <= 20_000_000, f"assets/ holds {total / 1e6:.1f} MB of weights"
+
+
+
+def test_the_pretraining_script_builds_the_shipped_architecture(pipe):
+    """train/pretrain_tiny_base.py's `build_unet` is the one definition (the pilots use it too): at its
+    default it is the shipped UNet; ``cross_attn="all"`` adds cross-attention at 16x16 too."""
+    import runpy
+
+    def plain(config):
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if not k.startswith("_")}
+
+    build_unet = runpy.run_path(str(share_lab.ROOT / "train" / "pretrain_tiny_base.py"))["build_unet"]
+    assert plain(build_unet().config) == plain(pipe.unet.config)
+    cross = {".".join(name.split(".")[:2]) for name, m in build_unet("all").named_modules() if name.endswith("attn2")}
+    assert cross == {"down_blocks.0", "down_blocks.1", "up_blocks.0", "up_blocks.1"}

@@ -175,17 +175,6 @@ def prepare(args) -> None:
 
 # --------------------------------------------------------------------------- pilot bases
 
-def build_unet(cross_attn: str, width: int) -> UNet2DConditionModel:
-    """Today's UNet (cross-attention at 8x8 only) or with cross-attention at 16x16 and 8x8 too."""
-    both = cross_attn == "all"
-    return UNet2DConditionModel(
-        sample_size=world.RESOLUTION // 4, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(width, 2 * width),
-        down_block_types=("CrossAttnDownBlock2D" if both else "DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D" if both else "UpBlock2D"), mid_block_type=None,
-        cross_attention_dim=128, attention_head_dim=4, addition_embed_type="text")
-
-
 def init_from(base: Path, cross_attn: str, width: int):
     """Start from a trained base (its tokenizer, text encoder and UNet weights) instead of from scratch.
 
@@ -198,7 +187,7 @@ def init_from(base: Path, cross_attn: str, width: int):
     from transformers import CLIPTextModel, CLIPTokenizer
     tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder")
-    unet = build_unet(cross_attn, width)
+    unet = pretrain.build_unet(cross_attn, width)
     missing, unexpected = unet.load_state_dict(UNet2DConditionModel.from_pretrained(base / "unet").state_dict(), strict=False)
     assert not unexpected, unexpected
     new_blocks = sorted({k.split(".attentions.")[0] + ".attentions." + k.split(".attentions.")[1].split(".")[0]
@@ -254,7 +243,7 @@ def pretrain_pilot(args, out: Path, vae) -> tuple[StableDiffusionPipeline, dict]
         words = world.CAPTION_WORDS if args.world == "today" else pw.CAPTION_WORDS
         tokenizer = pretrain.build_tokenizer(out / "tokenizer", words)
         text_encoder, _, _ = pretrain.build_models(tokenizer)
-        unet = build_unet(args.cross_attn, args.width)
+        unet = pretrain.build_unet(args.cross_attn, args.width)
     scenes, means, stds = world_data(args.world, args.images, args.seed, vae)
     data_seconds = time.time() - stage
     plan_path = out / "plan.json"

@@ -18,6 +18,8 @@ WHAT = {
     "P1": "from scratch: rich world, today's UNet",
     "P2": "from scratch: rich world, cross-attn at 16×16 and 8×8",
     "P2b": "P2 continued from its weights (a new cosine schedule)",
+    "P3": "from scratch: today's world and the shipped recipe (30,000 images, 6000 × 32, lr 7e-4), cross-attn at 16×16 "
+          "and 8×8: the shipped base with one change (2 threads)",
     "shipped": "the shipped base as is (today's world and UNet, 6000 steps × batch 32)",
     "F0": "shipped base + fine-tuning on today's world (control: more steps, same world)",
     "F1": "shipped base + fine-tuning on the rich world, today's UNet",

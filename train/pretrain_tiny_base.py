@@ -83,8 +83,22 @@ def build_tokenizer(directory: Path, words: list[str]) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(directory)
 
 
-def build_models(tokenizer: CLIPTokenizer) -> tuple[CLIPTextModel, AutoencoderKL, UNet2DConditionModel]:
-    """The architecture (seeded by the caller): 4.5M parameters, 17.9 MB in fp32."""
+def build_unet(cross_attn: str = "8", width: int = 64) -> UNet2DConditionModel:
+    """16x16 (``width`` channels) -> 8x8 (twice as wide), self- and cross-attention at 8x8 only
+    (``cross_attn="8"``, the shipped base) or at 16x16 too (``"all"``: as in Stable Diffusion, attention
+    and so every attention adapter reaches the level where an object's silhouette is drawn)."""
+    both = cross_attn == "all"
+    return UNet2DConditionModel(
+        sample_size=world.RESOLUTION // 4, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(width, 2 * width),
+        down_block_types=("CrossAttnDownBlock2D" if both else "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D" if both else "UpBlock2D"), mid_block_type=None,
+        cross_attention_dim=128, attention_head_dim=4,  # diffusers' legacy name: 4 heads of 32
+        addition_embed_type="text")  # the pooled prompt joins the time embedding: every resnet sees it
+
+
+def build_models(tokenizer: CLIPTokenizer, cross_attn: str = "8") -> tuple[CLIPTextModel, AutoencoderKL, UNet2DConditionModel]:
+    """The architecture (seeded by the caller): 4.5M parameters, 17.9 MB in fp32 (cross-attention at 8x8 only)."""
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
@@ -94,13 +108,7 @@ def build_models(tokenizer: CLIPTokenizer) -> tuple[CLIPTextModel, AutoencoderKL
         block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
         mid_block_add_attention=False)
-    unet = UNet2DConditionModel(  # 16x16 (64 wide) -> 8x8 (128 wide, self- and cross-attention)
-        sample_size=world.RESOLUTION // 4, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(64, 128), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), mid_block_type=None,
-        cross_attention_dim=128, attention_head_dim=4,  # diffusers' legacy name: 4 heads of 32
-        addition_embed_type="text")  # the pooled prompt joins the time embedding: every resnet sees it
-    return text_encoder, vae, unet
+    return text_encoder, vae, build_unet(cross_attn)
 
 
 # --------------------------------------------------------------------------- data
@@ -261,6 +269,8 @@ def main() -> None:
     parser.add_argument("--denoiser-steps", type=int, default=6000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=7e-4)
+    parser.add_argument("--cross-attn", choices=("8", "all"), default="8",
+                        help="8: attention at 8x8 only (the shipped base); all: at 16x16 and 8x8 (pilot P3, docs/results/pilot-bases.md)")
     parser.add_argument("--threads", type=int, help="torch CPU threads; 1 is faster on a CPU shared with other jobs")
     args = parser.parse_args()
     if args.threads:
@@ -271,7 +281,7 @@ def main() -> None:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(args.work_dir / "tokenizer",
                                 world.CAPTION_WORDS + (world.PATTERN_WORDS if args.patterned_images else []))
-    text_encoder, vae, unet = build_models(tokenizer)
+    text_encoder, vae, unet = build_models(tokenizer, args.cross_attn)
 
     images, scenes = render_base(args.images, args.seed)
     extras = render_vae_extras(args.vae_extra_images, args.seed + 1)
