@@ -72,7 +72,7 @@ def kind(component: str) -> str:
 
 def is_t5(module_name: str) -> bool:
     """Whether a text encoder's Share module name is a T5 encoder's (``encoder.block.…``; CLIP's are ``encoder.layers.…``)."""
-    return module_name.startswith(("encoder.block.", "shared"))
+    return module_name.startswith("encoder.block.")
 
 
 def split_layer(name: str) -> tuple[str, str]:
