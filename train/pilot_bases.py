@@ -303,7 +303,7 @@ def pilot(args) -> None:
               {k: getattr(args, k) for k in ("world", "cross_attn", "width", "minutes", "steps", "images", "batch_size", "lr", "seed")}
               | ({"init_from": str(args.init_from)} if args.init_from else {}))
     record(key + ["config"], config)
-    record(key + ["command"], "python train/pilot_bases.py pilot " + " ".join(sys.argv[2:]))
+    record(key + ["command"], "python train/pilot_bases.py " + " ".join(sys.argv[1:]))
     vae = load_vae()
     if args.base:  # an existing base (e.g. the shipped one): measure only
         base_dir = args.base
@@ -378,8 +378,9 @@ def reach(args) -> None:
     """Generated identity of each adapter recipe in REACH on the first --concepts novel concepts."""
     base_dir = args.base
     classifier, cs = load_classifier(), concepts()[:args.concepts]
-    key = ["reach", base_dir.name]
-    command = "python train/pilot_bases.py reach " + " ".join(sys.argv[2:])
+    label = base_dir.parent.name if base_dir.name == "base" else base_dir.name  # runs/pilots/P3/base -> P3
+    key = ["reach", label]
+    command = "python train/pilot_bases.py " + " ".join(sys.argv[1:])
     for name in args.recipes:
         rows, result = [], {"recipe": REACH[name], "command": command, "per_concept": {}, "seconds": [], "images_per_concept": args.generated}
         for k, concept in enumerate(cs):
@@ -394,7 +395,7 @@ def reach(args) -> None:
             record(key + [name], result)
             rows.append([s.image for s in train[:3]] + images[:8])
             print(f"reach {name}: {concept.name} identity {result['per_concept'][concept.name]:.2f} ({time.time() - stage:.0f} s)", flush=True)
-        save_grid(rows, RESULTS.parent / f"reach-{base_dir.name}-{name}.png")
+        save_grid(rows, RESULTS.parent / f"reach-{label}-{name}.png")
 
 
 def main() -> None:
