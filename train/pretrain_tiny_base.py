@@ -270,7 +270,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=7e-4)
     parser.add_argument("--cross-attn", choices=("8", "all"), default="8",
-                        help="8: attention at 8x8 only (the shipped base); all: at 16x16 too (pilot P3: no gain in adapter identity, docs/results/pilot-bases.md)")
+                        help="8: attention at 8x8 only (the shipped base); all: at 16x16 too "
+                             "(pilot P3: no gain in adapter identity, docs/results/pilot-bases.md)")
     parser.add_argument("--threads", type=int, help="torch CPU threads; 1 is faster on a CPU shared with other jobs")
     args = parser.parse_args()
     if args.threads:
