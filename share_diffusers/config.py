@@ -32,6 +32,7 @@ class ShareConfig:
     target_modules: tuple[str, ...] | str | None = None  # of the UNet / transformer
     text_encoder_target_modules: tuple[str, ...] | str | None = None  # of the text encoders (with --train_text_encoder)
     conv_layers: tuple[str, ...] = ()  # the file's layers that are 1×1 convolutions in the base (a LoRA export writes them 4-D)
+    conv_kernels: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)  # its k×k convolutions: (kh, kw)
 
     def __post_init__(self):
         for name in ("target_modules", "text_encoder_target_modules", "conv_layers"):
@@ -41,6 +42,13 @@ class ShareConfig:
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
                 raise ValueError(f"{name} must be a list of non-empty module names, got {value!r}.")
             object.__setattr__(self, name, tuple(value))  # JSON gives lists; a frozen config holds tuples
+        kernels = self.conv_kernels
+        if not isinstance(kernels, dict) or not all(
+            isinstance(n, str) and n and isinstance(k, (list, tuple)) and len(k) == 2 and all(_is_int(v, 1) for v in k)
+            for n, k in kernels.items()
+        ):
+            raise ValueError(f"conv_kernels must map layer names to [kh, kw] kernel sizes, got {kernels!r}.")
+        object.__setattr__(self, "conv_kernels", {n: tuple(k) for n, k in kernels.items()})
         for name in ("basis_rank", "coef_rank"):
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("num_extra_directions", self.num_extra_directions, minimum=0)
@@ -78,8 +86,12 @@ class ShareConfig:
         return dataclasses.replace(self, **changes)
 
 
+def _is_int(value, minimum: int) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= minimum
+
+
 def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+    if not _is_int(value, minimum):
         raise ValueError(f"{name} must be a whole number ≥ {minimum}, got {value!r}.")
 
 

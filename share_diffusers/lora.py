@@ -9,11 +9,11 @@ which `FluxLoraLoaderMixin.lora_state_dict` renames and splits (fused qkv → ``
 ``load_lora_weights`` does. Scaling
 (``alpha / r``, rsLoRA ``alpha / √r``, alpha and rank patterns) is folded into the factors, so
 each LoRA becomes plain ``{layer: (B n×r, A d×r)}`` with ``ΔW = B Aᵀ``. Diffusers' own key
-converters do the renaming. A LoRA is a file, a folder, a state dict or a Hub repo id. Every Linear
-and 1×1-convolution layer is held (attention, ``proj_in``/``proj_out``, feed-forwards, text-encoder
-MLPs); convolutions with larger kernels (LoCon) cannot be, and are measured, never silently
-dropped; DoRA and LyCORIS formats are refused by name. Writing gives Diffusers' layout or kohya's
-(A1111, ComfyUI), 1×1-convolution layers as 4-D tensors.
+converters do the renaming. A LoRA is a file, a folder, a state dict or a Hub repo id. Every layer
+is held: Linears and convolutions (attention, ``proj_in``/``proj_out``, feed-forwards, text-encoder
+MLPs, LoCon's 3×3 resnet convolutions, whose down factor is a map of each input patch); DoRA and
+LyCORIS formats are refused by name. Writing gives Diffusers' layout or kohya's (A1111, ComfyUI),
+convolution layers as 4-D tensors.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import json
 import math
 import os
 import re
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -141,11 +140,10 @@ def _check_format(sd: dict, path) -> None:
                                  "merge it into the base model or convert it to a LoRA first.")
 
 
-def read_lora_parts(path, weight_name: str | None = None, **hub_kwargs) -> tuple[Factors, dict[str, float], set[str]]:
-    """A LoRA's layers that Share can hold, as factors; the squared norm ``‖ΔW‖_F²`` of every layer it
-    would drop (convolutions with kernels larger than 1×1), so that an import can count them in its
-    error; and which held layers are 1×1 convolutions. Tensors that are not LoRA factors at all
-    raise, naming them: nothing is ever dropped unmeasured."""
+def read_lora_parts(path, weight_name: str | None = None, **hub_kwargs) -> tuple[Factors, dict[str, tuple[int, int]]]:
+    """A LoRA's layers as factors (a convolution's down factor flattened over its ``in × kh × kw``
+    patch), and the kernel size of each layer that is a convolution. Tensors that are not LoRA
+    factors at all raise, naming them: nothing is ever dropped."""
     sd, metadata, config, path = _source(path, weight_name, **hub_kwargs)
     _check_format(sd, path)
     t5 = [k for k in sd if k.startswith(("text_encoders.t5xxl.", "lora_te3_"))]
@@ -172,8 +170,7 @@ def read_lora_parts(path, weight_name: str | None = None, **hub_kwargs) -> tuple
         by_component.setdefault(component, {})[rest] = value
 
     factors: Factors = {}
-    dropped: dict[str, float] = {}
-    conv: set[str] = set()
+    kernels: dict[str, tuple[int, int]] = {}
     unknown = []
     for component, part in by_component.items():
         if component == "unet":
@@ -198,44 +195,23 @@ def read_lora_parts(path, weight_name: str | None = None, **hub_kwargs) -> tuple
             r = down.shape[0]
             if up.ndim < 2 or up.shape[1] != r or up.numel() != up.shape[0] * r:
                 raise ShareFileError(f"{path}: {component}.{module} has LoRA shapes {tuple(up.shape)} / {tuple(down.shape)}.")
+            if down.ndim not in (2, 4):
+                raise ShareFileError(f"{path}: {component}.{module} has LoRA shapes {tuple(up.shape)} / {tuple(down.shape)}.")
             up = up.reshape(up.shape[0], r) * scale(component, module, r)
-            down = down.reshape(r, -1)
-            if pair["A"].ndim not in (2, 4) or pair["A"].shape[2:] not in ((), (1, 1)):  # a k×k convolution (LoCon)
-                dropped[f"{component}.{module}"] = _norm2(up, down.mT)
-                continue
-            factors[f"{component}.{module}"] = (up, down.mT.contiguous())
-            if pair["A"].ndim == 4:
-                conv.add(f"{component}.{module}")
+            factors[f"{component}.{module}"] = (up, down.reshape(r, -1).mT.contiguous())
+            if down.ndim == 4:  # a convolution (LoCon's k×k ones too): ΔW maps each input patch
+                kernels[f"{component}.{module}"] = tuple(down.shape[2:])
     if unknown:
         raise ShareFileError(f"{path}: {len(unknown)} tensors are not LoRA factors Share can read, e.g. {unknown[:3]}.")
     if not factors:
-        found = f" (it has {', '.join(list(dropped)[:3])}…)" if dropped else ""
-        raise ShareFileError(f"{path}: no LoRA layers Share can hold (Linear or 1×1 convolution) were found{found}.")
-    return factors, dropped, conv
-
-
-def _norm2(B: torch.Tensor, A: torch.Tensor) -> float:
-    """``‖B Aᵀ‖_F²`` without forming it: ``tr(BᵀB AᵀA)``."""
-    B, A = B.double(), A.double()
-    return float(((B.mT @ B) * (A.mT @ A)).sum())
+        raise ShareFileError(f"{path}: no LoRA layers were found.")
+    return factors, kernels
 
 
 def read_lora(path, weight_name: str | None = None, **hub_kwargs) -> Factors:
     """A LoRA (file, PEFT folder, Hub repo id or state dict) as ``{layer: (B n×r, A d×r)}`` in Share's
-    layer naming, scale folded in; layers Share cannot hold (convolutions larger than 1×1) are left out
-    with a warning that says how much of the LoRA they hold (`loras_to_share` refuses them unless allowed)."""
-    factors, dropped, _ = read_lora_parts(path, weight_name, **hub_kwargs)
-    if dropped:
-        warnings.warn(f"{_describe(path, factors, dropped)} were not read.", stacklevel=2)
-    return factors
-
-
-def _describe(path, factors: Factors, dropped: dict[str, float]) -> str:
-    kept = sum(_norm2(B, A) for B, A in factors.values())
-    share = sum(dropped.values()) / max(kept + sum(dropped.values()), 1e-300)
-    source = "<LoRA state dict>" if isinstance(path, Mapping) else path
-    return (f"{source}: {len(dropped)} LoRA layers on convolutions larger than 1×1 (LoCon), which Share cannot hold, "
-            f"e.g. {list(dropped)[:3]}, holding {share:.1%} of its ‖ΔW‖²,")
+    layer naming, scale folded in (a convolution's ``A`` over its flattened input patch)."""
+    return read_lora_parts(path, weight_name, **hub_kwargs)[0]
 
 
 def loras_to_share(
@@ -247,7 +223,6 @@ def loras_to_share(
     energy: float | None = None,
     triggers: list[str | None] | None = None,
     weight_name: str | None = None,
-    allow_dropped: bool = False,
     **hub_kwargs,
 ) -> dict[str, dict]:
     """Fold LoRAs (files, PEFT folders, Hub repo ids with ``weight_name=``/``revision=``/…, or state
@@ -258,26 +233,20 @@ def loras_to_share(
     reconstruction error ``‖ΔW − ΔŴ‖_F / ‖ΔW‖_F`` (overall and per layer). ``shapes`` lists the
     base model's adapted layers (``{layer: (n, d)}``); by default, the layers the LoRAs touch.
 
-    Every Linear or 1×1-convolution layer of a LoRA is held (attention, ``proj_in``/``proj_out``,
-    feed-forwards, text-encoder MLPs). Layers on larger convolutions (LoCon) cannot be: they are
-    refused, naming them, unless ``allow_dropped=True``; then
-    the report counts them in full (relative error 1 per dropped layer, its ``‖ΔW‖²`` in the overall
-    error, which is also what the file's merge-error history records) and lists them under ``"dropped"``.
-    DoRA and LyCORIS (LoHa, LoKr, …) files are refused, naming the format.
+    Every layer of a LoRA is held: Linears and convolutions (attention, ``proj_in``/``proj_out``,
+    feed-forwards, text-encoder MLPs, LoCon's 3×3 convolutions; the file records which layers are
+    convolutions and their kernels, so exports are 4-D again). DoRA and LyCORIS (LoHa, LoKr, …) files
+    are refused, naming the format.
     """
     if names is None and any(isinstance(f, Mapping) for f in lora_files):
         raise ValueError("LoRA state dicts have no file name: pass names=, one concept name per LoRA.")
     names = names or [Path(f).stem for f in lora_files]
     if len(names) != len(lora_files) or len(set(names)) != len(names):
         raise ValueError("Need one unique concept name per LoRA file.")
-    loras, dropped, conv = {}, {}, set()
+    loras, kernels = {}, {}
     for name, f in zip(names, lora_files):
-        loras[name], dropped[name], conv_layers = read_lora_parts(f, weight_name, **hub_kwargs)
-        conv |= conv_layers
-        if dropped[name] and not allow_dropped:
-            raise ShareFileError(f"{_describe(f, loras[name], dropped[name])} which Share would drop; pass allow_dropped=True "
-                                 "(compress_loras.py --allow_dropped) to fold in the rest, with the dropped part counted in the "
-                                 "reported error.")
+        loras[name], found = read_lora_parts(f, weight_name, **hub_kwargs)
+        kernels |= found
     if shapes is None:
         shapes = {}
         for factors in loras.values():
@@ -295,17 +264,9 @@ def loras_to_share(
     sources = ["<LoRA state dict>" if isinstance(f, Mapping) else str(f) for f in lora_files]
     meta = {name: {"trigger": t, "source": s} for name, s, t in zip(names, sources, triggers or [None] * len(names))}
     state, report = ShareState.empty(shapes).merge(loras, meta=meta, k_max=basis_rank, energy=energy)
-    for concept in state.concepts:
-        name = concept["name"]
-        if dropped[name]:  # the dropped layers count in full: relative error 1 each
-            kept = {layer: _norm2(B, A) for layer, (B, A) in loras[name].items()}
-            err2 = sum(report[name]["layers"][layer] ** 2 * n2 for layer, n2 in kept.items()) + sum(dropped[name].values())
-            overall = math.sqrt(err2 / (sum(kept.values()) + sum(dropped[name].values())))
-            report[name].update(overall=overall, dropped=sorted(dropped[name]))
-            report[name]["layers"].update(dict.fromkeys(dropped[name], 1.0))
-            concept["merge_errors"][-1] = round(overall, 8)
-            concept["dropped_layers"] = len(dropped[name])
-    config = ShareConfig(basis_rank=basis_rank, basis_energy=energy, conv_layers=sorted(conv & set(shapes)))
+    config = ShareConfig(basis_rank=basis_rank, basis_energy=energy,
+                         conv_layers=sorted(n for n, k in kernels.items() if k == (1, 1) and n in shapes),
+                         conv_kernels={n: k for n, k in sorted(kernels.items()) if k != (1, 1) and n in shapes})
     save_share(state, output_path, config=config.to_dict())
     return report
 
@@ -332,9 +293,10 @@ LORA_FORMATS = ("diffusers", "kohya")
 
 
 def write_lora(factors: Factors, output_path: str | os.PathLike, format: str = "diffusers", name: str | None = None,
-               conv_layers=()) -> Path:
+               conv_layers=(), conv_kernels=None) -> Path:
     """Write ``{layer: (B n×r, A d×r)}`` as a LoRA file (scale 1), atomically; ``conv_layers`` are
-    1×1 convolutions in the base model, written as ``r×d×1×1`` / ``n×r×1×1`` as LoRA trainers do.
+    1×1 convolutions in the base model, written as ``r×d×1×1`` / ``n×r×1×1`` as LoRA trainers do,
+    ``conv_kernels`` ``{layer: (kh, kw)}`` its k×k ones, written as LoCon does: ``r×in×kh×kw`` / ``n×r×1×1``.
 
     ``format="diffusers"``: PEFT-style keys (``unet.<module>.lora_A.weight``); text-encoder modules go
     under ``text_model.`` (Diffusers drops that level for text encoders that do not have it), so
@@ -363,6 +325,9 @@ def write_lora(factors: Factors, output_path: str | os.PathLike, format: str = "
         down, up = A.mT.contiguous(), B.contiguous()  # r×d, n×r
         if layer in conv_layers:
             down, up = down[..., None, None], up[..., None, None]
+        elif layer in (conv_kernels or {}):
+            kh, kw = conv_kernels[layer]
+            down, up = down.reshape(down.shape[0], -1, kh, kw), up[..., None, None]
         if format == "kohya":
             key = kohya_prefix[component] + module.replace(".", "_")
             tensors[f"{key}.lora_down.weight"] = down
@@ -392,5 +357,6 @@ def share_to_lora(
         raise ValueError(f"format must be one of {', '.join(LORA_FORMATS)}; got {format!r}.")
     state, header = read_share(share_path)
     label = concept if isinstance(concept, str) else json.dumps(concept)
-    conv = stored_config(header).conv_layers or ()
-    return write_lora(lora_factors(state, concept), output_path, format=format, name=label, conv_layers=conv)
+    config = stored_config(header)
+    return write_lora(lora_factors(state, concept), output_path, format=format, name=label, conv_layers=config.conv_layers,
+                      conv_kernels=config.conv_kernels)

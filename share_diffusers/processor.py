@@ -6,7 +6,7 @@
   Switching concepts rewrites the cores in place; nothing else moves.
 * Every adapted layer (by default ``to_q/k/v/out.0`` of a UNet `Attention`, the joint-attention,
   feed-forward and single-block Linears of a transformer, ``q/k/v/out_proj`` of a text encoder;
-  any Linear or 1×1 convolution a file names) gets a forward hook that adds the delta to the output. The attention
+  any Linear or convolution a file names) gets a forward hook that adds the delta to the output. The attention
   processor is left alone, so the delta does not depend on which processor computes attention
   (`AttnProcessor2_0`, `AttnProcessor`, `SlicedAttnProcessor`, xFormers, …), a PEFT LoRA wrapping
   the same Linear still works and stacks with Share, and nothing selected adds nothing: the
@@ -20,13 +20,14 @@ This layer knows module structure, not files: it is given `LayerShare`s and a se
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from diffusers.models import attention_processor as _ap
 from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
 from torch import Tensor, nn
 
 from .subspace import LayerShare, NewConcept, dense_delta, share_delta
-from .targets import DENOISERS, base_linear, is_conv, kind, lookup, unwrap
+from .targets import DENOISERS, base_linear, is_conv, is_pointwise, kind, lookup, unwrap
 
 # processors that do not call to_q/to_k/to_v/to_out.0 as they are (fused QKV) or add projections
 # of their own beside them (IP-Adapter): with these the selected concepts would be silently wrong
@@ -202,7 +203,7 @@ def attach(model: nn.Module, component: str, names: list[str], adapter: ShareAda
     for name, module in zip(names, adapter.targets):
         module._share_name = name
     adapter.hooks = [
-        base_linear(module).register_forward_hook(_delta_hook(adapter, i, is_conv(module))) for i, module in enumerate(adapter.targets)
+        base_linear(module).register_forward_hook(_delta_hook(adapter, i, base_linear(module))) for i, module in enumerate(adapter.targets)
     ]
     model.share_adapter = adapter
 
@@ -221,11 +222,17 @@ def _attention_owner(model: nn.Module):
     return owner
 
 
-def _delta_hook(adapter: ShareAdapter, i: int, conv: bool = False):
+def _delta_hook(adapter: ShareAdapter, i: int, layer: nn.Module):
+    pointwise = is_conv(layer) and is_pointwise(layer)
+    patches = is_conv(layer) and not pointwise
+
     def hook(module, args, output):
         if adapter.enabled:
-            if conv:  # a 1×1 convolution: the same map on the channel axis
+            if pointwise:  # a 1×1 convolution: the same map on the channel axis
                 return adapter.delta(i, args[0].movedim(1, -1), out=output.movedim(1, -1)).movedim(-1, 1)
+            if patches:  # a k×k convolution: the map of each output pixel's input patch (im2col)
+                x = F.unfold(args[0], layer.kernel_size, layer.dilation, layer.padding, layer.stride)  # (B, in·kh·kw, H'W')
+                return output + adapter.delta(i, x.mT).mT.reshape(output.shape)
             return adapter.delta(i, args[0], out=output)
 
     return hook

@@ -16,10 +16,12 @@ its target projections, named as in PEFT's ``target_modules`` (the last part of 
 
 Those are the defaults. Like PEFT's ``target_modules``, `find_targets` also takes other names (a
 module matches when its name is the entry or ends in ``.<entry>``) or one regular expression (matched
-against the whole name): any ``nn.Linear`` or 1×1 ``nn.Conv2d`` can be adapted, e.g. the UNet's
+against the whole name): any ``nn.Linear`` or ``nn.Conv2d`` can be adapted, e.g. the UNet's
 ``proj_in``/``proj_out`` and feed-forwards or the text encoders' ``mlp.fc1``/``mlp.fc2``, the
-layers kohya's trainers and many Diffusers LoRAs adapt beside attention (`LORA_EXTRA`). A 1×1
-convolution is the linear map of its channels, so Share treats it as an ``n × d`` layer.
+layers kohya's trainers and many Diffusers LoRAs adapt beside attention (`LORA_EXTRA`), or the
+resnets' 3×3 ``conv1``/``conv2`` that LoCon adapts. A 1×1 convolution is the linear map of its
+channels, so Share treats it as an ``n × d`` layer; a k×k one maps each output pixel's input patch,
+an ``out × (in·k·k)`` layer, in the order of PyTorch's ``unfold`` and of the conv weight itself.
 
 A Share layer is named ``<component>.<module>``, e.g. ``unet.down_blocks.1.attentions.0.
 transformer_blocks.0.attn1.to_q``. Everything else in the package (attachment, file checks, LoRA
@@ -92,22 +94,30 @@ def base_linear(module: nn.Module) -> nn.Module:
 
 
 def is_conv(module: nn.Module) -> bool:
-    """Whether a target layer is a (1×1) convolution rather than a Linear."""
+    """Whether a target layer is a convolution rather than a Linear."""
     return isinstance(base_linear(module), nn.Conv2d)
 
 
+def is_pointwise(module: nn.Module) -> bool:
+    """A 1×1 convolution with stride 1 and no padding: the same linear map at every pixel."""
+    layer = base_linear(module)
+    return layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.padding in ((0, 0), "valid")
+
+
 def adaptable(module: nn.Module) -> bool:
-    """A layer Share can adapt: a Linear, or a 1×1 convolution (stride 1, no padding, no groups)."""
+    """A layer Share can adapt: a Linear, or a convolution without groups (a k×k one, as LoCon adapts
+    resnets, is the linear map of each output pixel's ``in × k × k`` input patch)."""
     layer = base_linear(module)
     if isinstance(layer, nn.Linear):
         return True
-    return (isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1) and layer.stride == (1, 1)
-            and layer.padding in ((0, 0), "valid") and layer.groups == 1)
+    return (isinstance(layer, nn.Conv2d) and layer.groups == 1 and layer.padding_mode == "zeros"
+            and (is_pointwise(layer) or not isinstance(layer.padding, str)))
 
 
 def layer_shape(module: nn.Module) -> tuple[int, int]:
-    """``(out, in)`` of a target layer (a 1×1 convolution's channels)."""
-    return tuple(base_linear(module).weight.shape[:2])
+    """``(out, in)`` of a target layer; a convolution's ``in`` is its patch, ``in_channels · kh · kw``."""
+    weight = base_linear(module).weight
+    return weight.shape[0], weight[0].numel()
 
 
 def _named_layers(model: nn.Module, component: str):
@@ -174,7 +184,7 @@ def find_targets(model: nn.Module, component: str, target_modules: str | list[st
     bad = [f"{n} ({_describe(m)})" for n, m in found.items() if not adaptable(m)]
     if bad:
         raise ValueError(f"target_modules {target_modules!r} matches layers Share cannot adapt in the {component}: "
-                         f"{', '.join(bad[:3])}; Share adapts Linear and 1×1 Conv2d layers.")
+                         f"{', '.join(bad[:3])}; Share adapts Linear and Conv2d layers (without groups).")
     return found
 
 
@@ -227,8 +237,18 @@ def pipeline_shapes(pipe, components=None, target_modules=None, layers=None) -> 
 
 def conv_layers(models: dict[str, nn.Module], layers) -> list[str]:
     """Which of Share's ``layers`` are 1×1 convolutions in ``models`` (their LoRA export is 4-D)."""
-    out = []
+    return sorted(name for name, size in _kernels(models, layers).items() if size == (1, 1))
+
+
+def conv_kernels(models: dict[str, nn.Module], layers) -> dict[str, tuple[int, int]]:
+    """Share's ``layers`` that are k×k convolutions in ``models``, with their kernel size (a LoRA export
+    writes their down factor as ``r × in × kh × kw``)."""
+    return {name: size for name, size in sorted(_kernels(models, layers).items()) if size != (1, 1)}
+
+
+def _kernels(models, layers) -> dict[str, tuple[int, int]]:
+    out = {}
     for component, model in models.items():
         names = [module for c, module in map(split_layer, layers) if c == component]
-        out += [f"{component}.{n}" for n, m in lookup(model, component, names).items() if is_conv(m)]
-    return sorted(out)
+        out |= {f"{component}.{n}": tuple(base_linear(m).kernel_size) for n, m in lookup(model, component, names).items() if is_conv(m)}
+    return out

@@ -12,6 +12,7 @@ def test_round_trip_and_old_spellings():
     old = ShareConfig.from_dict({"basis_rank": 64, "energy": 0.9, "written_by_a_newer_version": 1})
     assert old == ShareConfig(basis_rank=64, basis_energy=0.9)
     assert ShareConfig.from_dict(None) == ShareConfig.from_dict({}) == ShareConfig()
+    assert ShareConfig.from_dict({"conv_kernels": {"unet.a.conv1": [3, 3]}}).conv_kernels == {"unet.a.conv1": (3, 3)}
     assert config.merge_kwargs() == {"k_max": 32, "energy": 0.99}
 
 
@@ -23,6 +24,8 @@ def test_round_trip_and_old_spellings():
     ({"basis_energy": 1.5}, r"basis_energy must be a number in \(0, 1\]"),
     ({"basis_energy": float("nan")}, "basis_energy"),
     ({"base_model": 3}, "base_model must be a string"),
+    ({"conv_kernels": {"unet.conv_in": [3]}}, r"conv_kernels must map layer names to \[kh, kw\]"),
+    ({"conv_kernels": ["unet.conv_in"]}, "conv_kernels"),
 ])
 def test_bad_values_are_refused_naming_the_setting(values, message):
     with pytest.raises(ValueError, match=message):

@@ -524,17 +524,22 @@ def test_the_post_merge_fine_tune_moves_only_the_new_concepts_denoiser_coefficie
 
 def test_target_modules_adapt_the_layers_asked_and_the_file_keeps_them(tmp_path):
     """--target_modules / --text_encoder_target_modules as PEFT's: proj_in (a 1×1 convolution in this UNet),
-    feed-forward and text-encoder MLP layers are learned; the file stores the setting, so the next run
-    continues with it; a layer Share cannot adapt, or a name that matches nothing, is refused before training."""
+    the resnets' 3×3 conv1/conv2 (as LoCon), feed-forward and text-encoder MLP layers are learned; the file
+    stores the setting, so the next run continues with it; a layer Share cannot adapt, or a name that
+    matches nothing, is refused before training."""
     share = tmp_path / "share.safetensors"
-    unet_targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+    unet_targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
     learn(tmp_path, 0, share, "--target_modules", *unet_targets, "--train_text_encoder",
           "--text_encoder_target_modules", "q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
     state, header = read_share(share)
     leaves = {name.rsplit(".", 1)[-1] for name in state.layers}
-    assert {"proj_in", "proj_out", "fc1", "fc2", "2"} <= leaves
+    assert {"proj_in", "proj_out", "fc1", "fc2", "2", "conv1", "conv2"} <= leaves
     assert header["config"]["target_modules"] == unet_targets
     assert header["config"]["conv_layers"] and all(l.endswith(("proj_in", "proj_out")) for l in header["config"]["conv_layers"])
+    kernels = header["config"]["conv_kernels"]
+    assert kernels and all(l.endswith(("conv1", "conv2")) and k == [3, 3] for l, k in kernels.items())
+    conv = next(iter(kernels))
+    assert state.layers[conv].k > 0 and state.delta(conv, {state.names[0]: 1.0}).abs().max() > 0
     ff = next(n for n in state.layers if n.endswith("ff.net.2"))
     assert state.layers[ff].k > 0 and state.delta(ff, {state.names[0]: 1.0}).abs().max() > 0
 
@@ -556,7 +561,7 @@ def test_target_modules_adapt_the_layers_asked_and_the_file_keeps_them(tmp_path)
     assert abs(shown - base).max() > 0 and abs(fused - shown).max() < 1e-4
 
     before = share.read_bytes()
-    for flags, message in ((["--target_modules", "conv1"], r"conv1 \(a 3×3 Conv2d\).*Linear and 1×1 Conv2d"),
+    for flags, message in ((["--target_modules", "norm1"], r"norm1 \(a GroupNorm\).*Share adapts Linear and Conv2d"),
                            (["--target_modules", "nothing_here"], r"matches no layer of the unet")):
         refused = learn(tmp_path, 2, share, *flags, check=False)
         assert refused.returncode != 0 and re.search(message, refused.stdout + refused.stderr), refused.stderr[-2000:]

@@ -83,12 +83,15 @@ def test_selection_equals_adding_the_dense_delta(pipe, tmp_path, mix):
 
 def test_every_layer_loras_adapt_is_exact_per_prompt_and_fuses_bit_exactly(pipe, tmp_path):
     """target_modules beyond attention: proj_in/proj_out (1×1 convolutions in SD-1's UNet, Linears in SDXL's),
-    feed-forwards, text-encoder MLPs. A selection equals the dense ΔW, a batch with a concept per prompt equals
-    separate calls, and fuse / unfuse restores every weight bit-exactly."""
+    feed-forwards, text-encoder MLPs, and LoCon's 3×3 convolutions (the resnets' conv1/conv2, the strided
+    down-sampler and the up-sampler). A selection equals the dense ΔW, a batch with a concept per prompt
+    equals separate calls, and fuse / unfuse restores every weight bit-exactly."""
     texts = [c for c in ("text_encoder", "text_encoder_2") if hasattr(pipe, c)]
-    targets = {"unet": PROJECTIONS["unet"] + LORA_EXTRA["unet"]} | dict.fromkeys(texts, ("self_attn.q_proj", "fc1", "fc2"))
+    unet = PROJECTIONS["unet"] + LORA_EXTRA["unet"] + ("conv1", "conv2", "downsamplers.0.conv", "upsamplers.0.conv")
+    targets = {"unet": unet} | dict.fromkeys(texts, ("self_attn.q_proj", "fc1", "fc2"))
     state = random_share(pipe, tmp_path / "s.safetensors", target_modules=targets)
     assert any(l.endswith("proj_in") for l in state.layers) and any(l.endswith("mlp.fc2") for l in state.layers)
+    assert {l.rpartition(".")[2] for l in state.layers if l.startswith("unet.")} >= {"conv1", "conv2", "conv"}
     mix = {"cat": 0.7, "owl": -0.4}
     args, kw = unet_inputs(pipe)
     ids = torch.randint(0, 500, (2, 77))
@@ -112,6 +115,25 @@ def test_every_layer_loras_adapt_is_exact_per_prompt_and_fuses_bit_exactly(pipe,
     pipe.unfuse_share()
     after = {k: v for c in ["unet", *texts] for k, v in getattr(pipe, c).state_dict().items()}
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_a_concept_on_3x3_convolutions_exports_as_a_locon_that_diffusers_loads(tmp_path, fmt):
+    """The resnets' conv1/conv2 (as LoCon adapts them) export 4-D (down r×in×3×3, up n×r×1×1, as the file's
+    conv_kernels say) and load_lora_weights gives Share's images."""
+    from share_diffusers import read_share, share_to_lora
+
+    pipe = tiny_sd()
+    random_share(pipe, tmp_path / "s.safetensors", components=["unet"], target_modules={"unet": PROJECTIONS["unet"] + ("conv1", "conv2")})
+    assert read_share(tmp_path / "s.safetensors")[1]["config"]["conv_kernels"]["unet.down_blocks.0.resnets.0.conv1"] == [3, 3]
+    base = generate(pipe)
+    pipe.load_share(tmp_path / "s.safetensors")
+    pipe.set_share_concepts({"cat": 0.6, "dog": 0.4})
+    share = generate(pipe)
+    pipe.unload_share()
+    share_to_lora(tmp_path / "s.safetensors", {"cat": 0.6, "dog": 0.4}, tmp_path / "lora.safetensors", format=fmt)
+    pipe.load_lora_weights(tmp_path / "lora.safetensors")
+    assert (generate(pipe) - share).abs().max() <= 1e-4 and (share - base).abs().max() > 1e-2
 
 
 def test_a_batch_of_different_concepts_equals_separate_calls(pipe, tmp_path):

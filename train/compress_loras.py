@@ -37,8 +37,6 @@ def main(argv=None) -> dict:
     p.add_argument("--names", nargs="*", default=None, help="Concept names (default: the file names)")
     p.add_argument("--basis_rank", type=int, default=64, help="k_max: the most directions per layer and side")
     p.add_argument("--basis_energy", type=float, default=None, help="keep the fewest directions holding this share of the energy")
-    p.add_argument("--allow_dropped", action="store_true",
-                   help="fold in LoRAs that also adapt layers Share does not (proj_in/out, feed-forward, MLPs); the error counts them")
     args = p.parse_args(argv)
 
     files = lora_inputs(args.loras)
@@ -46,16 +44,14 @@ def main(argv=None) -> dict:
         p.error("no LoRA files found in " + ", ".join(args.loras))
     names = args.names or [f.stem for f in files]
     try:
-        report = loras_to_share(files, args.output, names=names, basis_rank=args.basis_rank, energy=args.basis_energy,
-                                allow_dropped=args.allow_dropped)
+        report = loras_to_share(files, args.output, names=names, basis_rank=args.basis_rank, energy=args.basis_energy)
     except (ShareFileError, FileNotFoundError, ValueError) as e:
         p.exit(2, f"compress_loras.py: error: {e}\n")
     before, after = sum(size(f) for f in files), Path(args.output).stat().st_size
     width = max(len(n) for n in names)
     print(f"{'LoRA':<{width}}  reconstruction error")
     for name in names:
-        dropped = report[name].get("dropped")
-        print(f"{name:<{width}}  {report[name]['overall']:.4f}" + (f"  ({len(dropped)} layers dropped, counted)" if dropped else ""))
+        print(f"{name:<{width}}  {report[name]['overall']:.4f}")
     print(f"{len(files)} LoRA files, {before / 1024:.1f} KiB -> {args.output}, {after / 1024:.1f} KiB ({before / after:.1f}x smaller)")
     return report
 

@@ -42,7 +42,9 @@ from PIL import Image, ImageFilter
 from safetensors.torch import save_file
 
 import share_lab
-from share_diffusers.training import Example, train_in_process
+from share_diffusers import ShareState
+from share_diffusers.targets import pipeline_shapes
+from share_diffusers.training import Example, attach_new_concept, train_in_process
 from share_lab import ROOT, evaluation, world
 from share_lab import pilot_world as pw
 from share_lab.baselines import train_lora_baseline
@@ -361,6 +363,9 @@ REACH = {
     "lora-attn-2000": dict(kind="lora", targets=["to_q", "to_k", "to_v", "to_out.0"], steps=2000, lr=3e-3),
     "lora-attn-conv": dict(kind="lora", targets=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"], steps=400, lr=3e-3),
     "full-unet": dict(kind="full", steps=1500, lr=1e-4),
+    # Share's own parametrisation (p = 1, φ = 2: learn_concept.py's defaults; lr 1e-2 as the continual runs), the
+    # concept's first and only merge being lossless: its images are those of the trained form
+    "share-attn-conv": dict(kind="share", targets=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"], steps=400, lr=1e-2),
 }
 
 
@@ -368,6 +373,11 @@ def train_recipe(pipe, recipe: dict, examples: list[Example]) -> None:
     if recipe["kind"] == "lora":
         train_lora_baseline(pipe, "reach", examples, recipe["steps"], recipe["lr"], LORA["batch_size"], LORA["rank"], LORA["seed"],
                             target_modules=recipe["targets"])
+    elif recipe["kind"] == "share":
+        state = ShareState.empty(pipeline_shapes(pipe, ["unet"], recipe["targets"]))
+        trainer = attach_new_concept({"unet": pipe.unet}, state, p=1, phi=2, seed=LORA["seed"])["unet"]
+        train_in_process(pipe, list(trainer.parameters()), examples, recipe["steps"], recipe["lr"], batch_size=LORA["batch_size"],
+                         seed=LORA["seed"])  # left attached: the pipeline draws with the trained concept
     else:
         params = list(pipe.unet.parameters())
         train_in_process(pipe, params, examples, recipe["steps"], recipe["lr"], batch_size=LORA["batch_size"], seed=LORA["seed"])

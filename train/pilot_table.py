@@ -43,7 +43,8 @@ def reach_table(reach: dict) -> list[str]:
                   "|---|---|---|---|---|---|---|"]
         for name, r in recipes.items():
             recipe = r["recipe"]
-            trains = f"rank-4 LoRA on {', '.join(recipe['targets'])}" if recipe["kind"] == "lora" else "every UNet weight"
+            trains = {"lora": f"rank-4 LoRA on {', '.join(recipe.get('targets', []))}",
+                      "share": f"Share (p = 1, φ = 2) on {', '.join(recipe.get('targets', []))}"}.get(recipe["kind"], "every UNet weight")
             per = ", ".join(f"{k}: {v:.2f}" for k, v in r["per_concept"].items())
             seconds = sum(s["train"] for s in r["seconds"]) / len(r["seconds"])
             lines.append(f"| {name} | {trains} | {recipe['steps']}, {recipe['lr']:g} | {pct(r['mean'])} | {per} "
