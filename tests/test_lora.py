@@ -200,6 +200,22 @@ def _images(pipe, **kw):
     return pipe("a cat", generator=torch.Generator().manual_seed(0), num_inference_steps=3, guidance_scale=5.0, output_type="np", **kw).images
 
 
+def _share_fused_and_exported_give(pipe, share, concept: str, want) -> None:
+    """The concept from its Share file, fused, and exported in both LoRA layouts draws ``want`` (within 1e-3)."""
+    pipe.load_share(share)
+    pipe.set_share_concepts(concept)
+    assert abs(_images(pipe) - want).max() < 1e-3
+    pipe.fuse_share()
+    assert abs(_images(pipe) - want).max() < 1e-3
+    pipe.unfuse_share()
+    pipe.unload_share()
+    for fmt in ("diffusers", "kohya"):
+        share_to_lora(share, concept, share.parent / f"{fmt}.safetensors", format=fmt)
+        pipe.load_lora_weights(share.parent / f"{fmt}.safetensors")
+        assert abs(_images(pipe) - want).max() < 1e-3, fmt
+        pipe.unload_lora_weights()
+
+
 def test_a_kohya_lora_on_attention_proj_feed_forward_and_text_mlp_is_held_whole(tmp_path):
     """Before: proj_in/proj_out, feed-forward and text-encoder MLP layers were dropped with a warning while the
     report said ~1e-8 (images 0.155 off). Now every layer is held: the images are the LoRA's (Diffusers' own
@@ -222,18 +238,7 @@ def test_a_kohya_lora_on_attention_proj_feed_forward_and_text_mlp_is_held_whole(
     lora = _images(pipe)
     pipe.unload_lora_weights()
     assert abs(lora - base).max() > 0.05  # the LoRA changes the images
-    pipe.load_share(tmp_path / "s.safetensors")
-    pipe.set_share_concepts("wild")
-    assert abs(_images(pipe) - lora).max() < 1e-3
-    pipe.fuse_share()
-    assert abs(_images(pipe) - lora).max() < 1e-3
-    pipe.unfuse_share()
-    pipe.unload_share()
-    for fmt in ("diffusers", "kohya"):
-        share_to_lora(tmp_path / "s.safetensors", "wild", tmp_path / f"{fmt}.safetensors", format=fmt)
-        pipe.load_lora_weights(tmp_path / f"{fmt}.safetensors")
-        assert abs(_images(pipe) - lora).max() < 1e-3, fmt
-        pipe.unload_lora_weights()
+    _share_fused_and_exported_give(pipe, tmp_path / "s.safetensors", "wild", lora)
     assert abs(_images(pipe) - base).max() == 0
 
 
@@ -263,15 +268,7 @@ def test_a_locon_lora_on_3x3_convolutions_is_held_whole_and_exports_back(tmp_pat
     lora = _images(pipe)
     pipe.unload_lora_weights()
     assert abs(lora - base).max() > 0.05
-    pipe.load_share(tmp_path / "s.safetensors")
-    pipe.set_share_concepts("locon")
-    assert abs(_images(pipe) - lora).max() < 1e-3
-    pipe.unload_share()
-    for fmt in ("diffusers", "kohya"):
-        share_to_lora(tmp_path / "s.safetensors", "locon", tmp_path / f"{fmt}.safetensors", format=fmt)
-        pipe.load_lora_weights(tmp_path / f"{fmt}.safetensors")
-        assert abs(_images(pipe) - lora).max() < 1e-3, fmt
-        pipe.unload_lora_weights()
+    _share_fused_and_exported_give(pipe, tmp_path / "s.safetensors", "locon", lora)
 
 
 def test_dora_and_lycoris_files_are_refused_naming_the_format(tmp_path):
