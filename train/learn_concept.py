@@ -167,7 +167,8 @@ def parse_args(argv=None) -> argparse.Namespace:
       help=f"φ: temporary new directions per side while training (new file: {default.num_extra_directions}).")
     a("--target_modules", nargs="+", default=None, metavar="NAME",
       help="The UNet's / transformer's layers to adapt, as PEFT's target_modules: module names (a layer matches its whole name "
-           "or its last parts, e.g. to_q proj_in ff.net.2) or one regular expression (new file: the attention projections).")
+           "or its last parts, e.g. to_q proj_in ff.net.2, or LoCon's 3x3 conv1 conv2) or one regular expression "
+           "(new file: the attention projections).")
     a("--text_encoder_target_modules", nargs="+", default=None, metavar="NAME",
       help="The same for the text encoders with --train_text_encoder (new file: self_attn q/k/v/out_proj; e.g. add fc1 fc2).")
     a("--rebase", action="store_true", help="Allow basis settings that differ from the file's: the merge refits the subspace under them.")
