@@ -78,6 +78,12 @@ class ShareConfig:
                 known[key] = value
         return cls(**known)
 
+    def with_convolutions(self, kernels: dict[str, tuple[int, int]]) -> ShareConfig:
+        """These settings with the file's convolution layers, ``{layer: (kh, kw)}`` (`targets.conv_kernels`):
+        1×1 ones in ``conv_layers`` (the field older files have), the others in ``conv_kernels``."""
+        return self.replace(conv_layers=sorted(n for n, k in kernels.items() if tuple(k) == (1, 1)),
+                            conv_kernels={n: k for n, k in sorted(kernels.items()) if tuple(k) != (1, 1)})
+
     def merge_kwargs(self) -> dict:
         """The arguments of `ShareState.merge` / `remove` that these settings fix."""
         return {"k_max": self.basis_rank, "energy": self.basis_energy}

@@ -264,9 +264,7 @@ def loras_to_share(
     sources = ["<LoRA state dict>" if isinstance(f, Mapping) else str(f) for f in lora_files]
     meta = {name: {"trigger": t, "source": s} for name, s, t in zip(names, sources, triggers or [None] * len(names))}
     state, report = ShareState.empty(shapes).merge(loras, meta=meta, k_max=basis_rank, energy=energy)
-    config = ShareConfig(basis_rank=basis_rank, basis_energy=energy,
-                         conv_layers=sorted(n for n, k in kernels.items() if k == (1, 1) and n in shapes),
-                         conv_kernels={n: k for n, k in sorted(kernels.items()) if k != (1, 1) and n in shapes})
+    config = ShareConfig(basis_rank=basis_rank, basis_energy=energy).with_convolutions({n: k for n, k in kernels.items() if n in shapes})
     save_share(state, output_path, config=config.to_dict())
     return report
 

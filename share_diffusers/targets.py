@@ -235,18 +235,9 @@ def pipeline_shapes(pipe, components=None, target_modules=None, layers=None) -> 
     return model_shapes({c: m for c, m in models.items() if m is not None}, target_modules, layers)
 
 
-def conv_layers(models: dict[str, nn.Module], layers) -> list[str]:
-    """Which of Share's ``layers`` are 1×1 convolutions in ``models`` (their LoRA export is 4-D)."""
-    return sorted(name for name, size in _kernels(models, layers).items() if size == (1, 1))
-
-
 def conv_kernels(models: dict[str, nn.Module], layers) -> dict[str, tuple[int, int]]:
-    """Share's ``layers`` that are k×k convolutions in ``models``, with their kernel size (a LoRA export
-    writes their down factor as ``r × in × kh × kw``)."""
-    return {name: size for name, size in sorted(_kernels(models, layers).items()) if size != (1, 1)}
-
-
-def _kernels(models, layers) -> dict[str, tuple[int, int]]:
+    """Share's ``layers`` that are convolutions in ``models``, with their kernel sizes (a LoRA export
+    writes them 4-D: `ShareConfig.with_convolutions` stores them)."""
     out = {}
     for component, model in models.items():
         names = [module for c, module in map(split_layer, layers) if c == component]

@@ -48,7 +48,7 @@ from share_diffusers.lora import write_lora
 from share_diffusers.names import check_concept_name, check_trigger
 from share_diffusers.pipeline import check_compatible
 from share_diffusers.subspace import balance
-from share_diffusers.targets import COMPONENTS, conv_kernels, conv_layers, denoiser, model_shapes
+from share_diffusers.targets import COMPONENTS, conv_kernels, denoiser, model_shapes
 from share_diffusers.training import (
     ConceptDataset,
     FlowMatching,
@@ -233,7 +233,7 @@ def load_state(args, all_models: dict, models: dict) -> tuple[ShareState, ShareC
     except ValueError as e:
         fail(str(e))
     state = with_layers(state, train_shapes)
-    return state, config.replace(conv_layers=conv_layers(all_models, state.shapes), conv_kernels=conv_kernels(all_models, state.shapes))
+    return state, config.with_convolutions(conv_kernels(all_models, state.shapes))
 
 
 def _targets_flag(values: list[str] | None):

@@ -32,7 +32,7 @@ from transformers import (
 from share_diffusers.config import ShareConfig
 from share_diffusers.io import save_share
 from share_diffusers.subspace import LayerShare, ShareState
-from share_diffusers.targets import COMPONENTS, conv_kernels, conv_layers, pipeline_shapes
+from share_diffusers.targets import COMPONENTS, conv_kernels, pipeline_shapes
 
 
 @lru_cache
@@ -204,7 +204,7 @@ def random_share(pipe, path, names=("cat", "dog", "owl"), p=2, scale=0.3, k_max=
     meta = {name: {"trigger": f"<{name}>"} for name in names}
     state, _ = ShareState.empty(shapes).merge(new, meta=meta, k_max=k_max)
     models = {c: getattr(pipe, c) for c in COMPONENTS if getattr(pipe, c, None) is not None}
-    save_share(state, path, ShareConfig(conv_layers=conv_layers(models, shapes), conv_kernels=conv_kernels(models, shapes)).to_dict())
+    save_share(state, path, ShareConfig().with_convolutions(conv_kernels(models, shapes)).to_dict())
     return state
 
 
