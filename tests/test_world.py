@@ -103,3 +103,34 @@ def test_parse_caption_recovers_what_was_asked(index):
         "trigger": concept.trigger, "background": "green", "position": "top"}
 
 
+
+
+def test_world_v2_never_shows_a_concept_combination_in_pretraining():
+    from share_lab import pilot_world as pw
+    combos = pw.concept_combinations()
+    assert len(combos) == len(set(combos)) >= 200
+    reserved = set(combos)
+    rng = np.random.default_rng(0)
+    seen = {(s.shape, s.layout, s.colours) for s in (pw.random_v2_scene(rng) for _ in range(5000))}
+    assert not seen & reserved
+    # ... while every part of a concept is drawn in pretraining: each silhouette with each layout, each colour pair
+    assert {(shape, layout) for shape, layout, _ in seen} == {(s, x) for s in pw.V2_SILHOUETTES for x in pw.V2_LAYOUTS}
+    assert {colours for _, layout, colours in seen if layout != "solid"} >= {c for _, _, c in combos}
+
+
+def test_a_world_v2_concept_is_its_combination_and_its_near_misses_are_not():
+    from share_lab import pilot_world as pw
+    concept = pw.make_combination_concept(2)
+    shape, layout, colours = pw.concept_combinations()[2]
+    assert concept.name == f"{colours[0]}-{colours[1]}-{layout}-{shape}" and concept.layout == layout
+    assert not set(colours) & set(concept.backgrounds)
+    image = pixels(world.concept_splits(concept, 1, 0)[0][0].image).reshape(-1, 3)
+    for name in colours:  # both of its colours are drawn, exactly (flat regions of the render)
+        assert (np.abs(image - np.array(world.COLOURS[name])).sum(axis=1) == 0).sum() > 20, name
+    rng = np.random.default_rng(0)
+    misses = pw.combination_near_misses(concept, 3, rng)
+    renders = [s.image for s in world.concept_splits(concept, 5, 0)[0]]
+    for miss in misses:
+        assert all(np.abs(pixels(miss) - pixels(r)).mean() > 1 for r in renders)
+    with pytest.raises(ValueError, match="250 concepts"):
+        pw.make_combination_concept(250)

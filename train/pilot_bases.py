@@ -81,8 +81,20 @@ def record(path: list[str], value) -> None:
     RESULTS.write_text(json.dumps(data, indent=2) + "\n")
 
 
+# Which concepts the pilots are measured on (--concept-world): "novel" = pilot_world's unnamed
+# silhouettes in off-palette colours (outside every pretraining world), "v2" = world v2's reserved
+# combinations (parts the base can draw, never seen together). Each has its own classifier folder.
+CONCEPT_WORLDS = {
+    "novel": dict(make=lambda i: pw.make_novel_concept(i, CONCEPT_WORLD_SEED), near_misses=pw.near_misses,
+                  near_miss_kinds=2, scene=pw.random_rich_scene, classifier="classifier", key=""),
+    "v2": dict(make=pw.make_combination_concept, near_misses=pw.combination_near_misses,
+               near_miss_kinds=3, scene=pw.random_v2_scene, classifier="classifier-v2", key="-v2"),
+}
+CONCEPT_WORLD = CONCEPT_WORLDS["novel"]  # set by main()
+
+
 def concepts() -> list[pw.NovelConcept]:
-    return [pw.make_novel_concept(i, CONCEPT_WORLD_SEED) for i in range(N_CONCEPTS)]
+    return [CONCEPT_WORLD["make"](i) for i in range(N_CONCEPTS)]
 
 
 def load_vae() -> AutoencoderKL:
@@ -105,11 +117,11 @@ def labelled_renders(n: int, seed: int, augment: bool):
         if kind < 5:
             image, label = cs[k].render(background, position, rng), k
         elif kind < 7:
-            image, label = pw.random_rich_scene(rng).render(rng), len(cs)
+            image, label = CONCEPT_WORLD["scene"](rng).render(rng), len(cs)
         elif kind == 7:
             image, label = world.random_scene(rng).render(rng), len(cs)
         elif kind == 8:
-            image, label = pw.near_misses(cs[k], 1 + int(rng.integers(2)), rng)[-1], len(cs)
+            image, label = CONCEPT_WORLD["near_misses"](cs[k], 1 + int(rng.integers(CONCEPT_WORLD["near_miss_kinds"])), rng)[-1], len(cs)
         else:
             image = cs[k].render(background, position, rng).filter(ImageFilter.GaussianBlur(rng.uniform(3.5, 6)))
             label = len(cs)
@@ -121,7 +133,7 @@ def labelled_renders(n: int, seed: int, augment: bool):
 
 
 def load_classifier() -> evaluation.IdentityClassifier:
-    return evaluation.load_identity_classifier(RUNS / "classifier")
+    return evaluation.load_identity_classifier(RUNS / CONCEPT_WORLD["classifier"])
 
 
 def prepare(args) -> None:
@@ -148,9 +160,10 @@ def prepare(args) -> None:
         if step % 250 == 0:
             print(f"classifier step {step}/{args.steps} loss {loss.item():.4f} ({time.time() - start:.0f} s)", flush=True)
     model.eval()
-    (RUNS / "classifier").mkdir(parents=True, exist_ok=True)
-    save_file(model.state_dict(), RUNS / "classifier" / "model.safetensors")
-    (RUNS / "classifier" / "config.json").write_text(json.dumps({"classes": model.classes, "width": 24}))
+    folder = RUNS / CONCEPT_WORLD["classifier"]
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(model.state_dict(), folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"classes": model.classes, "width": 24}))
 
     # held out: fresh renders (another seed) and each concept's 20 held-out renders
     fx, fy = labelled_renders(1000, seed=1, augment=False)
@@ -169,8 +182,8 @@ def prepare(args) -> None:
         "concept_heldout_vae_round_trip_mean_abs_error": round_trip_error,  # 0..1 per channel
         "render_seconds": round(rendered), "seconds": round(time.time() - start),
     }
-    record(["classifier"], result)
-    record(["concepts"], [{"name": c.name, "trigger": c.trigger, "layout": c.layout,
+    record(["classifier" + CONCEPT_WORLD["key"]], result)
+    record(["concepts" + CONCEPT_WORLD["key"]], [{"name": c.name, "trigger": c.trigger, "layout": c.layout,
                            "colours": ["#{:02x}{:02x}{:02x}".format(*col) for col in c.colours]} for c in cs])
     print(json.dumps(result, indent=2), flush=True)
 
@@ -211,9 +224,10 @@ def world_data(kind: str, n: int, seed: int, vae):
         scenes = [world.random_scene(rng) for _ in range(n)]  # pretrain.render_base draws scenes first, too
         render = lambda: pretrain.render_base(n, seed)[0]  # noqa: E731
     else:
+        sample = pw.random_rich_scene if kind == "rich" else pw.random_v2_scene
         rng = np.random.default_rng(seed)
-        scenes = [pw.random_rich_scene(rng) for _ in range(n)]
-        render = lambda: pretrain.to_uint8(pw.rich_scenes(n, seed)[0])  # noqa: E731
+        scenes = [sample(rng) for _ in range(n)]
+        render = lambda: pretrain.to_uint8(pw.rich_scenes(n, seed, sample)[0])  # noqa: E731
     images = None if cache.exists() else render()
     means, stds = pretrain.encode(vae, images, cache)
     return scenes, means, stds
@@ -242,7 +256,7 @@ def pretrain_pilot(args, out: Path, vae) -> tuple[StableDiffusionPipeline, dict]
     if args.init_from:
         tokenizer, text_encoder, unet = init_from(args.init_from, args.cross_attn, args.width)
     else:
-        words = world.CAPTION_WORDS if args.world == "today" else pw.CAPTION_WORDS
+        words = {"today": world.CAPTION_WORDS, "rich": pw.CAPTION_WORDS, "v2": pw.V2_CAPTION_WORDS}[args.world]
         tokenizer = pretrain.build_tokenizer(out / "tokenizer", words)
         text_encoder, _, _ = pretrain.build_models(tokenizer)
         unet = pretrain.build_unet(args.cross_attn, args.width)
@@ -389,7 +403,7 @@ def reach(args) -> None:
     base_dir = args.base
     classifier, cs = load_classifier(), concepts()[:args.concepts]
     label = base_dir.parent.name if base_dir.name == "base" else base_dir.name  # runs/pilots/P3/base -> P3
-    key = ["reach", label]
+    key = ["reach" + CONCEPT_WORLD["key"], label]
     command = "python train/pilot_bases.py " + " ".join(sys.argv[1:])
     for name in args.recipes:
         rows, result = [], {"recipe": REACH[name], "command": command, "per_concept": {}, "seconds": [], "images_per_concept": args.generated}
@@ -411,6 +425,8 @@ def reach(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--concept-world", choices=list(CONCEPT_WORLDS), default="novel",
+                        help="the concepts measured: novel (outside every world) or v2 (world v2's reserved combinations)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare")
     p.add_argument("--images", type=int, default=6000)
@@ -420,7 +436,7 @@ def main() -> None:
     p.add_argument("--base", type=Path, help="measure this pipeline instead of pretraining one")
     p.add_argument("--init-from", type=Path, help="fine-tune this base (tokenizer, text encoder, UNet) instead of "
                                                   "training from scratch")
-    p.add_argument("--world", choices=("today", "rich"), default="rich")
+    p.add_argument("--world", choices=("today", "rich", "v2"), default="rich")
     p.add_argument("--cross-attn", choices=("8", "all"), default="8", help="8: at 8x8 only (today); all: 16x16 and 8x8")
     p.add_argument("--width", type=int, default=64, help="block_out_channels = (width, 2 width)")
     p.add_argument("--minutes", type=float, default=12, help="denoiser time budget (steps sized to fit)")
@@ -441,6 +457,8 @@ def main() -> None:
     p.add_argument("--generated", type=int, default=GENERATED_PER_CONCEPT)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    global CONCEPT_WORLD
+    CONCEPT_WORLD = CONCEPT_WORLDS[args.concept_world]
     RUNS.mkdir(parents=True, exist_ok=True)
     {"prepare": prepare, "pilot": pilot, "reach": reach}[args.command](args)
 

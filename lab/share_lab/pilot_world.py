@@ -21,6 +21,7 @@ A pilot (issue 12, step 1): kept beside world.py until tiny base v4 settles the 
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -175,25 +176,50 @@ class RichScene:
                              pattern_angle=rng.uniform(0, np.pi), resolution=resolution)
 
 
-def random_rich_scene(rng: np.random.Generator) -> RichScene:
+def random_rich_scene(rng: np.random.Generator, silhouettes=tuple(SILHOUETTES), layouts=LAYOUTS,
+                      held_out=lambda shape, layout, colours: False) -> RichScene:
     """Uniform over silhouettes and layouts; colours distinct from each other and the background.
 
-    Solid scenes of the five original shapes avoid world.HELDOUT_COMBOS (kept for evaluation).
+    Solid scenes of the five original shapes avoid world.HELDOUT_COMBOS (kept for evaluation), and
+    no scene shows a (shape, layout, colours) combination that `held_out` reserves.
     """
     while True:
-        shape = str(rng.choice(list(SILHOUETTES)))
-        layout = str(rng.choice(LAYOUTS))
+        shape = str(rng.choice(list(silhouettes)))
+        layout = str(rng.choice(list(layouts)))
         names = [str(c) for c in rng.choice(list(world.COLOURS), size=n_colours(layout) + 1, replace=False)]
         background, colours, position = names[-1], tuple(names[:-1]), str(rng.choice(list(world.POSITIONS)))
         if layout == "solid" and (shape, colours[0], background, position) in world.HELDOUT_COMBOS:
             continue
+        if held_out(shape, layout, colours):
+            continue
         return RichScene(shape, layout, colours, background, position, str(rng.choice(list(world.SIZES))))
 
 
-def rich_scenes(n: int, seed: int) -> tuple[list[Image.Image], list[RichScene]]:
+def random_v2_scene(rng: np.random.Generator) -> RichScene:
+    return random_rich_scene(rng, V2_SILHOUETTES, V2_LAYOUTS, is_concept_combination)
+
+
+def rich_scenes(n: int, seed: int, sample=random_rich_scene) -> tuple[list[Image.Image], list[RichScene]]:
     rng = np.random.default_rng(seed)
-    scenes = [random_rich_scene(rng) for _ in range(n)]
+    scenes = [sample(rng) for _ in range(n)]
     return [s.render(rng) for s in scenes], scenes
+
+
+# --------------------------------------------------------------------------- world v2
+
+# A smaller rich world (10 silhouettes x 5 layouts x 8 colours) whose base can be pretrained in
+# about an hour of 2 CPU threads, and whose concepts are combinations the base never saw together:
+# one in eight two-colour (silhouette, layout, colour pair) combinations is kept out of
+# pretraining and reserved for concepts (250 of 2240), so every part of a concept is drawable
+# and the combination is new, as a DreamBooth subject is new to Stable Diffusion.
+V2_SILHOUETTES = world.SHAPES + ("hexagon", "star", "heart", "crescent", "arrow")
+V2_LAYOUTS = ("solid", "split", "outlined", "striped", "dotted")
+V2_CAPTION_WORDS = sorted(set(world.CAPTION_WORDS) | set(V2_SILHOUETTES) | set(V2_LAYOUTS) - {"solid"} | {"and"})
+
+
+def is_concept_combination(shape: str, layout: str, colours: tuple[str, ...]) -> bool:
+    """Is this (silhouette, layout, ordered colours) reserved for concepts? (a fixed hash: any seed)"""
+    return layout != "solid" and zlib.crc32("|".join((shape, layout) + tuple(colours)).encode()) % 8 == 0
 
 
 # --------------------------------------------------------------------------- novel concepts
@@ -294,4 +320,51 @@ def near_misses(concept: NovelConcept, n: int, rng: np.random.Generator) -> list
         else:
             others = tuple(_off_palette_colour(rng) for _ in concept.colours)
             images.append(concept.render(background, position, rng, colours=others))
+    return images
+
+
+def concept_combinations(world_seed: int = 0) -> list[tuple[str, str, tuple[str, str]]]:
+    """The reserved (silhouette, layout, colours) combinations in a seeded order: concept i is entry i."""
+    combos = [(shape, layout, (a, b)) for shape in V2_SILHOUETTES for layout in V2_LAYOUTS[1:]
+              for a in world.COLOURS for b in world.COLOURS if a != b and is_concept_combination(shape, layout, (a, b))]
+    return [combos[i] for i in np.random.default_rng(world_seed).permutation(len(combos))]
+
+
+def make_combination_concept(index: int, world_seed: int = 0) -> NovelConcept:
+    """Concept `index` of world v2: a reserved combination, with its own pattern frequency and angle."""
+    combos = concept_combinations(world_seed)
+    if not 0 <= index < len(combos):
+        raise ValueError(f"world v2 has {len(combos)} concepts, got index {index}")
+    shape, layout, colours = combos[index]
+    seed = world_seed * 1000 + index
+    rng = np.random.default_rng(seed)
+    backgrounds = tuple(name for name in world.COLOURS if name not in colours)
+    return NovelConcept(f"{colours[0]}-{colours[1]}-{layout}-{shape}", world.trigger_word(index), seed, SILHOUETTES[shape],
+                        layout, tuple(world.COLOURS[c] for c in colours), float(rng.uniform(*world.PATTERN_FREQUENCY)),
+                        float(rng.uniform(0, np.pi)), 0.0, backgrounds)
+
+
+def combination_near_misses(concept: NovelConcept, n: int, rng: np.random.Generator) -> list[Image.Image]:
+    """Images that share all but one part of a combination concept: another silhouette, another
+    layout, or other palette colours — so that only the whole combination counts as the concept."""
+    images = []
+    own = next(name for name, outline in SILHOUETTES.items() if outline is concept.outline)
+    for i in range(n):
+        background, position = concept.contexts(1, rng)[0]
+        part = i % 3
+        if part == 0:
+            shape = str(rng.choice([s for s in V2_SILHOUETTES if s != own]))
+            images.append(concept.render(background, position, rng, outline=SILHOUETTES[shape]))
+        elif part == 1:
+            layout = str(rng.choice([x for x in V2_LAYOUTS[1:] if x != concept.layout]))
+            other = NovelConcept(concept.name, concept.trigger, concept.seed, concept.outline, layout, concept.colours,
+                                 concept.frequency, concept.pattern_angle, concept.angle, concept.backgrounds)
+            images.append(other.render(background, position, rng))
+        else:
+            names = [c for c in world.COLOURS if c != background]
+            while True:
+                pick = tuple(world.COLOURS[str(c)] for c in rng.choice(names, size=2, replace=False))
+                if pick != concept.colours:
+                    break
+            images.append(concept.render(background, position, rng, colours=pick))
     return images
