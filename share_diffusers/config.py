@@ -25,6 +25,8 @@ class ShareConfig:
     # 50-concept run at 0.97x its own LoRA and stored 1.9x less than 16 without it (README, continual learning at scale)
     basis_rank: int = 8
     basis_energy: float | None = None  # keep the fewest directions holding this share of the energy (≤ basis_rank)
+    # instead of basis_energy: this many directions in all, over every layer, where the concepts need them (≤ basis_rank each)
+    basis_budget: int | None = None
     coef_rank: int = 1  # p: the rank of a new concept's delta per layer
     num_extra_directions: int = 2  # φ: temporary new directions per side while a concept trains
     base_model: str | None = None  # the base model as the user named it (a Hub id or the path they gave)
@@ -56,6 +58,10 @@ class ShareConfig:
         if energy is not None and (isinstance(energy, bool) or not isinstance(energy, numbers.Real)
                                    or not math.isfinite(energy) or not 0 < energy <= 1):
             raise ValueError(f"basis_energy must be a number in (0, 1] or None, got {energy!r}.")
+        if self.basis_budget is not None:
+            _check_int("basis_budget", self.basis_budget, minimum=1)
+            if energy is not None:
+                raise ValueError("basis_budget and basis_energy both choose how many directions to keep: give one.")
         if self.base_model is not None and not isinstance(self.base_model, str):
             raise ValueError(f"base_model must be a string, got {type(self.base_model).__name__}.")
 
@@ -86,7 +92,7 @@ class ShareConfig:
 
     def merge_kwargs(self) -> dict:
         """The arguments of `ShareState.merge` / `remove` that these settings fix."""
-        return {"k_max": self.basis_rank, "energy": self.basis_energy}
+        return {"k_max": self.basis_rank, "energy": self.basis_energy, "budget": self.basis_budget}
 
     def replace(self, **changes) -> ShareConfig:
         return dataclasses.replace(self, **changes)
@@ -110,7 +116,7 @@ def stored_config(header: dict) -> ShareConfig:
     return ShareConfig.from_dict(values)
 
 
-BASIS_SETTINGS = ("basis_rank", "basis_energy")  # they shape the stored subspace: a file keeps them
+BASIS_SETTINGS = ("basis_rank", "basis_energy", "basis_budget")  # they shape the stored subspace: a file keeps them
 
 
 def resolve_config(stored: ShareConfig | None, rebase: bool = False, **given) -> ShareConfig:

@@ -29,6 +29,9 @@ __all__ = [
     "balance",
     "LayerShare",
     "MergeResult",
+    "Refit",
+    "Spectrum",
+    "allocate",
     "ShareState",
     "NewConcept",
 ]
@@ -165,30 +168,18 @@ class LayerShare:
         """The layer with only the concepts ``keep`` (by index)."""
         return LayerShare(self.U, self.V, self.B[keep], self.A[keep])
 
-    def merge(
-        self,
-        new_B: list[Tensor] = (),
-        new_A: list[Tensor] = (),
-        k_max: int = 64,
-        energy: float | None = None,
-        normalize: bool = True,
-    ) -> MergeResult:
-        """Fold new concepts (dense factors ``n×p``, ``d×p``) in, refit the basis, re-project all.
+    def extend(self, new_B: list[Tensor] = (), new_A: list[Tensor] = ()) -> Refit:
+        """Every concept, old and new (dense factors ``n×p``, ``d×p``), in the extended orthonormal
+        bases ``[U, orth(new ⟂ U)]``: the first step of a merge (`ShareState.merge`), in float64.
 
-        The new basis is the top-k' left singular subspace of the stacked deltas
-        ``[ΔW_1 … ΔW_C]`` (output side) and of ``[ΔW_1ᵀ … ΔW_Cᵀ]`` (input side): by Eckart–Young
-        the best rank-k' subspaces for reconstructing every ΔW, independent of how each concept
-        is factored. Old concepts already lie in span(U), so everything is done in the extended
-        orthonormal basis ``[U, orth(new ⟂ U)]`` of width k + r: the eigenproblem is (k+r)²,
-        and the cost is linear in C and free of n·C² terms. ``normalize`` weighs every concept
-        by ``1/‖ΔW_c‖²``, so the basis minimises the sum of *relative* errors. Computed in float64.
+        Old concepts already lie in span(U), so the refit works in a basis of width k + r: its
+        eigenproblem is (k+r)², and its cost is linear in C and free of n·C² terms.
         """
         f64 = torch.float64
         U, V = self.U.to(f64), self.V.to(f64)
         p = max([self.B.shape[2]] + [b.shape[1] for b in new_B])
         pad = lambda t: torch.nn.functional.pad(t, (0, p - t.shape[-1]))  # noqa: E731
 
-        # coordinates of every concept in the extended bases Qb = [U, Eb], Qa = [V, Ea]
         nb = torch.stack([pad(b.to(f64)) for b in new_B]) if len(new_B) else U.new_zeros(0, U.shape[0], p)
         na = torch.stack([pad(a.to(f64)) for a in new_A]) if len(new_A) else V.new_zeros(0, V.shape[0], p)
         Eb = _orth_complement(U, nb.permute(1, 0, 2).reshape(U.shape[0], -1))
@@ -198,26 +189,72 @@ class LayerShare:
         old_Y = torch.nn.functional.pad(pad(self.A.to(f64)), (0, 0, 0, Ea.shape[1]))
         X = torch.cat([old_X, Qb.mT @ nb])  # (C, kb, p): output side
         Y = torch.cat([old_Y, Qa.mT @ na])  # (C, ka, p): input side
+        return Refit(Qb, Qa, X, Y, self.U.dtype)
 
-        XtX, YtY = X.mT @ X, Y.mT @ Y
-        norm2 = (XtX * YtY).sum((1, 2))  # ‖X Yᵀ‖_F² = tr(XᵀX YᵀY), both symmetric
-        w = 1.0 / norm2.clamp_min(1e-30) if normalize else torch.ones_like(norm2)
-        w = torch.where(norm2 > 0, w, torch.zeros_like(w))
-        Gb = torch.einsum("c,cip,cpq,cjq->ij", w, X, YtY, X)  # Σ w M Mᵀ
-        Ga = torch.einsum("c,cip,cpq,cjq->ij", w, Y, XtX, Y)  # Σ w Mᵀ M
+
+@dataclass
+class Spectrum:
+    """The weighted Gram matrices' eigen-decompositions of one layer's refit, largest first."""
+
+    eb: Tensor
+    Pb: Tensor
+    ea: Tensor
+    Pa: Tensor
+
+    def choose_k(self, k_max: int, energy: float | None = None) -> int:
+        avail = min(self.Pb.shape[0], self.Pa.shape[0])
+        return max(_choose_k(self.eb, avail, k_max, energy), _choose_k(self.ea, avail, k_max, energy))
+
+    def gains(self, k_max: int) -> Tensor:
+        """What each further direction (pair) removes from the weighted error: the two sides' mean."""
+        k = min(k_max, self.Pb.shape[0], self.Pa.shape[0])
+        return ((self.eb[:k] + self.ea[:k]) / 2).clamp_min(0)
+
+
+@dataclass
+class Refit:
+    """One layer's concepts in its extended bases ``Qb``, ``Qa``: coordinates ``X`` (C×kb×p) and
+    ``Y`` (C×ka×p), so ``ΔW_c = Qb X_c Y_cᵀ Qaᵀ``. A merge weighs the concepts, takes the spectrum
+    and keeps its top k directions; `ShareState.merge` can choose k for all layers at once."""
+
+    Qb: Tensor
+    Qa: Tensor
+    X: Tensor
+    Y: Tensor
+    dtype: torch.dtype
+
+    def __post_init__(self):
+        self.XtX, self.YtY = self.X.mT @ self.X, self.Y.mT @ self.Y
+        self.norm2 = (self.XtX * self.YtY).sum((1, 2))  # ‖X Yᵀ‖_F² = tr(XᵀX YᵀY), both symmetric
+
+    def spectrum(self, w: Tensor) -> Spectrum:
+        """Eigen-decompositions of ``Σ w_c M_c M_cᵀ`` and ``Σ w_c M_cᵀ M_c`` (w: one weight per concept)."""
+        w = torch.where(self.norm2 > 0, w.to(self.norm2), torch.zeros_like(self.norm2))
+        Gb = torch.einsum("c,cip,cpq,cjq->ij", w, self.X, self.YtY, self.X)
+        Ga = torch.einsum("c,cip,cpq,cjq->ij", w, self.Y, self.XtX, self.Y)
         eb, Pb = torch.linalg.eigh(Gb)
         ea, Pa = torch.linalg.eigh(Ga)
-        eb, Pb, ea, Pa = eb.flip(0), Pb.flip(1), ea.flip(0), Pa.flip(1)
+        return Spectrum(eb.flip(0), Pb.flip(1), ea.flip(0), Pa.flip(1))
 
-        avail = min(Qb.shape[1], Qa.shape[1])
-        k = max(_choose_k(eb, avail, k_max, energy), _choose_k(ea, avail, k_max, energy))
-        Pb, Pa = Pb[:, :k], Pa[:, :k]
-        Xk, Yk = Pb.mT @ X, Pa.mT @ Y
+    def truncate(self, spectrum: Spectrum, k: int) -> MergeResult:
+        """The layer with the top-k directions of ``spectrum``; every concept re-projected and balanced."""
+        Pb, Pa = spectrum.Pb[:, :k], spectrum.Pa[:, :k]
+        Xk, Yk = Pb.mT @ self.X, Pa.mT @ self.Y
         kept2 = ((Xk.mT @ Xk) * (Yk.mT @ Yk)).sum((1, 2))
         Bn, An = balance(Xk, Yk) if k else (Xk, Yk)
-        dt = self.U.dtype
-        layer = LayerShare((Qb @ Pb).to(dt), (Qa @ Pa).to(dt), Bn.to(dt), An.to(dt))
-        return MergeResult(layer, norm2, (norm2 - kept2).clamp_min(0))
+        dt = self.dtype
+        layer = LayerShare((self.Qb @ Pb).to(dt), (self.Qa @ Pa).to(dt), Bn.to(dt), An.to(dt))
+        return MergeResult(layer, self.norm2, (self.norm2 - kept2).clamp_min(0))
+
+
+def allocate(gains: dict[str, Tensor], budget: int) -> dict[str, int]:
+    """Directions per layer: the ``budget`` largest gains over all layers (each layer's gains fall,
+    so each layer keeps a prefix). Ties break by layer order, so the result is deterministic."""
+    pool = [(-g, i, name) for i, (name, layer_gains) in enumerate(gains.items()) for g in layer_gains.tolist() if g > 0]
+    k = dict.fromkeys(gains, 0)
+    for _, _, name in sorted(pool)[:budget]:
+        k[name] += 1
+    return k
 
 
 # ----------------------------------------------------------------------------- whole model
@@ -271,8 +308,20 @@ class ShareState:
         k_max: int = 64,
         energy: float | None = None,
         normalize: bool = True,
+        budget: int | None = None,
     ) -> tuple[ShareState, dict[str, dict]]:
         """Fold new concepts (``{name: {layer: (B̂ n×p, Â d×p)}}``) in; every layer is refit.
+
+        Each layer's new basis is the top-k subspace of its stacked deltas ``[ΔW_1 … ΔW_C]``
+        (output side) and ``[ΔW_1ᵀ … ΔW_Cᵀ]`` (input side): by Eckart–Young the best rank-k
+        subspaces for reconstructing every ΔW, however each concept is factored. ``normalize``
+        weighs every concept by ``1/‖ΔW_c‖²``, so the basis minimises the sum of *relative* errors.
+        k is the smallest reaching ``energy`` of the layer's spectrum (all of it if None), at most
+        ``k_max``. With a ``budget`` (total directions over all layers, instead of ``energy``), the
+        weights are over all layers (``1/Σ_layers ‖ΔW_c‖²``) and the ``budget`` directions that
+        remove the most of that weighted error go where they do: the sum over concepts of their
+        squared overall relative error is minimised (exactly for the choice of bases, greedily
+        for the sizes).
 
         Returns the new state and a report ``{concept: {"overall": e, "layers": {layer: e}}}``
         of relative merge errors ``‖ΔW − ΔŴ‖_F / ‖ΔW‖_F`` (the data-free forgetting of this
@@ -284,8 +333,13 @@ class ShareState:
         clash = set(new) & set(self.names)
         if clash:
             raise ValueError(f"Concept name(s) already in this Share state: {sorted(clash)}.")
+        if budget is not None and energy is not None:
+            raise ValueError("A merge takes a total budget of directions or an energy threshold, not both.")
+        unknown = {lname for c in new for lname in new[c]} - set(self.layers)
+        if unknown:
+            raise ValueError(f"New concepts touch layers this Share state does not adapt: {sorted(unknown)[:5]}")
         names = self.names + list(new)
-        layers, norm2, err2 = {}, {}, {}
+        refits = {}
         for lname, layer in self.layers.items():
             n, d = layer.shape
             factors = [new[c].get(lname) for c in new]
@@ -297,18 +351,27 @@ class ShareState:
                     )
             zero = (torch.zeros(n, 1), torch.zeros(d, 1))
             factors = [f if f is not None else zero for f in factors]
-            result = layer.merge([f[0] for f in factors], [f[1] for f in factors], k_max, energy, normalize)
-            layers[lname], norm2[lname], err2[lname] = result.layer, result.norm2, result.err2
-        unknown = {lname for c in new for lname in new[c]} - set(self.layers)
-        if unknown:
-            raise ValueError(f"New concepts touch layers this Share state does not adapt: {sorted(unknown)[:5]}")
+            refits[lname] = layer.extend([f[0] for f in factors], [f[1] for f in factors])
+
+        def relative(norm2: Tensor) -> Tensor:
+            return 1.0 / norm2.clamp_min(1e-30) if normalize else torch.ones_like(norm2)
+
+        if budget is None:
+            spectra = {lname: r.spectrum(relative(r.norm2)) for lname, r in refits.items()}
+            ks = {lname: sp.choose_k(k_max, energy) for lname, sp in spectra.items()}
+        else:
+            total = sum((r.norm2 for r in refits.values()), torch.zeros(len(names), dtype=torch.float64))
+            spectra = {lname: r.spectrum(relative(total)) for lname, r in refits.items()}
+            ks = allocate({lname: sp.gains(k_max) for lname, sp in spectra.items()}, budget)
+        results = {lname: refits[lname].truncate(spectra[lname], ks[lname]) for lname in refits}
+        layers = {lname: r.layer for lname, r in results.items()}
 
         concepts = [dict(c, merge_errors=list(c.get("merge_errors", []))) for c in self.concepts]
         concepts += [dict(meta.get(c, {}), name=c, merge_errors=[]) for c in new]
         # relative errors of every (layer, concept) at once: a Python loop over C × L scalars costs seconds
         empty = torch.zeros(0, len(names), dtype=torch.float64)
-        norm2_lc = torch.stack(list(norm2.values())) if norm2 else empty  # (L, C)
-        err2_lc = torch.stack(list(err2.values())) if err2 else empty
+        norm2_lc = torch.stack([r.norm2 for r in results.values()]) if results else empty  # (L, C)
+        err2_lc = torch.stack([r.err2 for r in results.values()]) if results else empty
         rel = torch.where(norm2_lc > 0, err2_lc / norm2_lc.clamp_min(1e-300), torch.zeros_like(err2_lc)).sqrt()
         total_n, total_e = norm2_lc.sum(0), err2_lc.sum(0)
         overall = torch.where(total_n > 0, total_e / total_n.clamp_min(1e-300), torch.zeros_like(total_e)).sqrt()
@@ -320,12 +383,13 @@ class ShareState:
             concepts[i]["merge_errors"] = history[-MERGE_HISTORY:]
         return ShareState(layers, concepts), report
 
-    def remove(self, name: str, k_max: int = 64, energy: float | None = None) -> tuple[ShareState, dict]:
+    def remove(self, name: str, k_max: int = 64, energy: float | None = None,
+               budget: int | None = None) -> tuple[ShareState, dict]:
         """Drop a concept and refit the basis to the remaining ones (a merge with nothing new)."""
         i = self.index(name)
         keep = [j for j in range(len(self.concepts)) if j != i]
         rest = ShareState({n: l.subset(keep) for n, l in self.layers.items()}, [self.concepts[j] for j in keep])
-        return rest.merge(k_max=k_max, energy=energy)
+        return rest.merge(k_max=k_max, energy=energy, budget=budget)
 
     def rename(self, old: str, new: str) -> ShareState:
         if new in self.names:

@@ -13,7 +13,7 @@ def test_round_trip_and_old_spellings():
     assert old == ShareConfig(basis_rank=64, basis_energy=0.9)
     assert ShareConfig.from_dict(None) == ShareConfig.from_dict({}) == ShareConfig()
     assert ShareConfig.from_dict({"conv_kernels": {"unet.a.conv1": [3, 3]}}).conv_kernels == {"unet.a.conv1": (3, 3)}
-    assert config.merge_kwargs() == {"k_max": 32, "energy": 0.99}
+    assert config.merge_kwargs() == {"k_max": 32, "energy": 0.99, "budget": None}
 
 
 @pytest.mark.parametrize("values, message", [
@@ -24,6 +24,8 @@ def test_round_trip_and_old_spellings():
     ({"basis_energy": 1.5}, r"basis_energy must be a number in \(0, 1\]"),
     ({"basis_energy": float("nan")}, "basis_energy"),
     ({"base_model": 3}, "base_model must be a string"),
+    ({"basis_budget": 0}, "basis_budget must be a whole number ≥ 1"),
+    ({"basis_budget": 8, "basis_energy": 0.9}, "basis_budget and basis_energy both choose"),
     ({"conv_kernels": {"unet.conv_in": [3]}}, r"conv_kernels must map layer names to \[kh, kw\]"),
     ({"conv_kernels": ["unet.conv_in"]}, "conv_kernels"),
 ])

@@ -132,6 +132,36 @@ def test_basis_grows_from_empty_and_energy_threshold_picks_smallest_k():
     assert s4.layers["l"].k == 2
 
 
+def test_a_budget_puts_the_directions_where_the_concepts_need_them():
+    """Concept x needs 3 directions in layer a and 1 in b: 4 in all hold it exactly, as a uniform
+    k = 2 (also 4 in all) cannot; fewer than that go to a, where the larger part of x is."""
+    state = ShareState.empty({"a": (20, 20), "b": (20, 20)}, dtype=torch.float64)
+    x = {"a": (orthonormal(20, 3) * 2.0, orthonormal(20, 3)), "b": (orthonormal(20, 1), orthonormal(20, 1))}
+    exact, report = state.merge({"x": x}, k_max=8, budget=4)
+    assert {name: layer.k for name, layer in exact.layers.items()} == {"a": 3, "b": 1}
+    assert report["x"]["overall"] < 1e-7
+    uniform, report = state.merge({"x": x}, k_max=2)
+    assert report["x"]["overall"] > 0.3
+    tight, _ = state.merge({"x": x}, k_max=8, budget=2)
+    assert {name: layer.k for name, layer in tight.layers.items()} == {"a": 2, "b": 0}
+    capped, _ = state.merge({"x": x}, k_max=2, budget=4)
+    assert {name: layer.k for name, layer in capped.layers.items()} == {"a": 2, "b": 1}
+    with pytest.raises(ValueError, match="budget of directions or an energy threshold"):
+        state.merge({"x": x}, budget=4, energy=0.9)
+
+
+def test_a_budgeted_merge_reports_its_measured_error_and_removes_under_the_same_budget():
+    state = random_state({"l1": (24, 20), "l2": (16, 24), "l3": (12, 12)}, num_concepts=6, k=6, p=1)
+    merged, report = state.merge(budget=9, k_max=6)
+    assert sum(layer.k for layer in merged.layers.values()) == 9
+    for name in state.names:
+        num = sum((state.delta(l, {name: 1.0}) - merged.delta(l, {name: 1.0})).norm() ** 2 for l in state.layers)
+        den = sum(state.delta(l, {name: 1.0}).norm() ** 2 for l in state.layers)
+        assert report[name]["overall"] == pytest.approx((num / den).sqrt().item(), abs=1e-7)
+    rest, _ = merged.remove("c0", k_max=6, budget=5)
+    assert sum(layer.k for layer in rest.layers.values()) == 5 and "c0" not in rest.names
+
+
 def test_mixing_is_the_weighted_sum_of_deltas_and_remove_refits():
     state = random_state({"l": (16, 16)}, num_concepts=3, k=5, p=1)
     mix = state.delta("l", {"c0": 0.5, "c2": -1.5})

@@ -162,6 +162,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     default = ShareConfig()
     a("--basis_rank", type=int, default=None, help=f"k_max: the most directions per layer and side (new file: {default.basis_rank}).")
     a("--basis_energy", type=float, default=None, help="Keep the fewest directions holding this share of the energy (≤ k_max).")
+    a("--basis_budget", type=int, default=None,
+      help="Instead of --basis_energy: keep this many directions in all, over every layer, where the concepts need them "
+           "(each layer ≤ k_max).")
     a("--coef_rank", "--rank", type=int, default=None, help=f"p: the rank of each concept's delta per layer (new file: {default.coef_rank}).")
     a("--num_extra_directions", type=int, default=None,
       help=f"φ: temporary new directions per side while training (new file: {default.num_extra_directions}).")
@@ -222,6 +225,7 @@ def load_state(args, all_models: dict, models: dict) -> tuple[ShareState, ShareC
             raise ShareFileError(f"{path}: its stored settings are invalid: {e}") from e
     try:
         config = resolve_config(stored, rebase=args.rebase, basis_rank=args.basis_rank, basis_energy=args.basis_energy,
+                                basis_budget=args.basis_budget,
                                 coef_rank=args.coef_rank, num_extra_directions=args.num_extra_directions,
                                 base_model=portable_path(args.pretrained_model_name_or_path, ROOT),
                                 target_modules=_targets_flag(args.target_modules),
