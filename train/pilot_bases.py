@@ -314,7 +314,7 @@ def pilot(args) -> None:
     start = time.time()
     out = RUNS / args.name
     out.mkdir(parents=True, exist_ok=True)
-    key = ["pilots", args.name]
+    key = ["pilots" + CONCEPT_WORLD["key"], args.name]
     config = ({"base": str(args.base)} if args.base else
               {k: getattr(args, k) for k in ("world", "cross_attn", "width", "minutes", "steps", "images", "batch_size", "lr", "seed")}
               | ({"init_from": str(args.init_from)} if args.init_from else {}))
@@ -362,7 +362,7 @@ def pilot(args) -> None:
                                          "min": float(np.min(list(lora.values()))), "seconds": lora_seconds,
                                          "images_per_concept": args.generated, "recipe": {**LORA, "steps": args.lora_steps}})
         print(f"{args.name}: {concept.name} LoRA identity {lora[concept.name]:.2f} ({time.time() - stage:.0f} s)", flush=True)
-    save_grid(rows, RESULTS.parent / f"pilot-bases-{args.name}.png")
+    save_grid(rows, RESULTS.parent / f"pilot-bases-{args.name}{CONCEPT_WORLD['key']}.png")
     record(key + ["total_seconds"], round(time.time() - start))
     print(f"{args.name}: done, LoRA identity mean {np.mean(list(lora.values())):.3f} ({(time.time() - start) / 60:.1f} min)", flush=True)
 
@@ -379,6 +379,7 @@ REACH = {
     "full-unet": dict(kind="full", steps=1500, lr=1e-4),
     # Share's own parametrisation (p = 1, φ = 2: learn_concept.py's defaults; lr 1e-2 as the continual runs), the
     # concept's first and only merge being lossless: its images are those of the trained form
+    "share-attn": dict(kind="share", targets=["to_q", "to_k", "to_v", "to_out.0"], steps=400, lr=1e-2),
     "share-attn-conv": dict(kind="share", targets=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"], steps=400, lr=1e-2),
 }
 
@@ -419,7 +420,7 @@ def reach(args) -> None:
             record(key + [name], result)
             rows.append([s.image for s in train[:3]] + images[:8])
             print(f"reach {name}: {concept.name} identity {result['per_concept'][concept.name]:.2f} ({time.time() - stage:.0f} s)", flush=True)
-        save_grid(rows, RESULTS.parent / f"reach-{label}-{name}.png")
+        save_grid(rows, RESULTS.parent / f"reach-{label}-{name}{CONCEPT_WORLD['key']}.png")
 
 
 def main() -> None:

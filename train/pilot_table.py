@@ -20,6 +20,8 @@ WHAT = {
     "P2b": "P2 continued from its weights (a new cosine schedule)",
     "P3": "from scratch: today's world and the shipped recipe (30,000 images, 6000 × 32, lr 7e-4), cross-attn at 16×16 "
           "and 8×8: the shipped base with one change (2 threads)",
+    "V2": "from scratch: world v2 (10 silhouettes × 5 layouts × 8 colours; 250 combinations kept out for concepts), "
+          "today's UNet, 60,000 images, 10,000 × 32, lr 7e-4 (2 threads)",
     "shipped": "the shipped base as is (today's world and UNet, 6000 steps × batch 32)",
     "F0": "shipped base + fine-tuning on today's world (control: more steps, same world)",
     "F1": "shipped base + fine-tuning on the rich world, today's UNet",
@@ -31,11 +33,11 @@ def pct(x) -> str:
     return "–" if x is None else f"{x:.2f}"
 
 
-def reach_table(reach: dict) -> list[str]:
+def reach_table(reach: dict, suffix: str) -> list[str]:
     """Which adapter draws the concepts on a base: `train/pilot_bases.py reach`."""
     lines = []
     for base, recipes in reach.items():
-        lines += ["", f"## Adapter reach on {base}", "",
+        lines += ["", f"## Adapter reach on {base}" + (" (world v2 concepts)" if suffix else ""), "",
                   "The same 5 training renders, batch size and seed as the reference LoRA; only what the adapter may change differs.",
                   "Generated identity on held-out prompts (the classifier above). Grids, one row per concept: 3 training renders ·",
                   "8 images the trained adapter draws from held-out prompts (their own backgrounds and positions).", "",
@@ -49,32 +51,24 @@ def reach_table(reach: dict) -> list[str]:
             seconds = sum(s["train"] for s in r["seconds"]) / len(r["seconds"])
             lines.append(f"| {name} | {trains} | {recipe['steps']}, {recipe['lr']:g} | {pct(r['mean'])} | {per} "
                          f"({r.get('images_per_concept', '?')} images each) | {seconds:.0f} | `{r['command']}` |")
-        lines += [""] + [f"![{name}](reach-{base}-{name}.png)" for name in recipes if (RESULTS.parent / f"reach-{base}-{name}.png").exists()]
+        lines += [""] + [f"![{name}](reach-{base}-{name}{suffix}.png)" for name in recipes
+                         if (RESULTS.parent / f"reach-{base}-{name}{suffix}.png").exists()]
     return lines
 
 
-def main() -> None:
-    data = json.loads(RESULTS.read_text())
-    c = data.get("classifier", {})
-    lines = [
-        "# Pilot bases (issue 12, step 1)",
-        "",
-        "Produced by `train/pilot_bases.py` (one process at a time, 1 CPU thread, on the shared 2-core CPU);",
-        "this file by `python train/pilot_table.py`. Every pilot reuses the shipped VAE and is measured on the",
-        f"same {len(data.get('concepts', []))} novel concepts of `lab/share_lab/pilot_world.py` (`make_novel_concept(i, 12)`).",
-        "",
-        "Identity classifier (`python train/pilot_bases.py prepare`; classes: the concepts + \"none\" = rich and plain",
-        "scenes, near misses sharing the concept's colours or silhouette, and heavily blurred concepts):",
-        f"fresh held-out renders {pct(c.get('fresh_renders_accuracy'))} / their VAE round trips "
-        f"{pct(c.get('fresh_renders_vae_round_trip_accuracy'))}; the concepts' 20 held-out renders each "
-        f"{pct(c.get('concept_heldout_accuracy'))} / round trips {pct(c.get('concept_heldout_vae_round_trip_accuracy'))}"
-        f" (round-trip mean abs. error {c.get('concept_heldout_vae_round_trip_mean_abs_error', float('nan')):.3f} of the range).",
-        "",
-        "| pilot | what changed | denoiser steps × batch / min (1 thread) | base shape / colour / bg / position "
-        "| untrained base identity | LoRA identity mean | min | per concept |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name, p in data.get("pilots", {}).items():
+def classifier_line(c: dict) -> str:
+    return (f"fresh held-out renders {pct(c.get('fresh_renders_accuracy'))} / their VAE round trips "
+            f"{pct(c.get('fresh_renders_vae_round_trip_accuracy'))}; the concepts' 20 held-out renders each "
+            f"{pct(c.get('concept_heldout_accuracy'))} / round trips {pct(c.get('concept_heldout_vae_round_trip_accuracy'))}"
+            f" (round-trip mean abs. error {c.get('concept_heldout_vae_round_trip_mean_abs_error', float('nan')):.3f} of the range).")
+
+
+def pilot_table(pilots: dict, suffix: str) -> list[str]:
+    """One row per pilot base: its pretraining, its quality, and identity on the concepts measured."""
+    lines = ["| pilot | what changed | denoiser steps × batch / min (1 thread) | base shape / colour / bg / position "
+             "| untrained base identity | LoRA identity mean | min | per concept |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, p in pilots.items():
         pre = p.get("pretraining")
         cfg = p.get("config", {})
         if pre:
@@ -91,12 +85,42 @@ def main() -> None:
         per = ", ".join(f"{v:.2f}" for v in lora.get("per_concept", {}).values())
         lines.append(f"| {name} | {WHAT.get(name, '')} | {steps} | {quality} | {pct(u.get('mean'))} | "
                      f"{pct(lora.get('mean'))} | {pct(lora.get('min'))} | {per} |")
-    lines += ["", "Commands (after `python train/pilot_bases.py prepare`):", ""]
-    lines += [f"- {name}: `{p['command']}`" for name, p in data.get("pilots", {}).items()]
+    lines += ["", "Commands:", ""] + [f"- {name}: `{p['command']}`" for name, p in pilots.items()]
     lines += ["", "Grids, one row per concept: 3 training renders · 6 images the reference LoRA generates from",
               "held-out prompts · 2 images the untrained base generates from the same prompts.", ""]
-    lines += [f"![{name}](pilot-bases-{name}.png)" for name in data.get("pilots", {}) if (RESULTS.parent / f"pilot-bases-{name}.png").exists()]
-    lines += reach_table(data.get("reach", {}))
+    lines += [f"![{name}](pilot-bases-{name}{suffix}.png)" for name in pilots
+              if (RESULTS.parent / f"pilot-bases-{name}{suffix}.png").exists()]
+    return lines
+
+
+def main() -> None:
+    data = json.loads(RESULTS.read_text())
+    lines = [
+        "# Pilot bases (issue 12, step 1)",
+        "",
+        "Produced by `train/pilot_bases.py` (one process at a time, 1 CPU thread, on the shared 2-core CPU);",
+        "this file by `python train/pilot_table.py`. Every pilot reuses the shipped VAE and is measured on the",
+        f"same {len(data.get('concepts', []))} novel concepts of `lab/share_lab/pilot_world.py` (`make_novel_concept(i, 12)`).",
+        "",
+        "Identity classifier (`python train/pilot_bases.py prepare`; classes: the concepts + \"none\" = rich and plain",
+        "scenes, near misses sharing the concept's colours or silhouette, and heavily blurred concepts):",
+        classifier_line(data.get("classifier", {})),
+        "",
+    ]
+    lines += pilot_table(data.get("pilots", {}), "")
+    lines += reach_table(data.get("reach", {}), "")
+    if "pilots-v2" in data or "reach-v2" in data:
+        concepts = ", ".join(c["name"] for c in data.get("concepts-v2", []))
+        lines += ["", "## World v2: concepts that are new combinations of parts the base draws", "",
+                  "`lab/share_lab/pilot_world.py`'s world v2 (10 silhouettes × solid, split, outlined, striped, dotted × 8",
+                  "colours) keeps 250 (silhouette, layout, colour pair) combinations out of pretraining; its concepts are",
+                  f"those combinations (`make_combination_concept(i)`; measured: {concepts}).",
+                  "",
+                  "Identity classifier (`python train/pilot_bases.py --concept-world v2 prepare`; \"none\" = world-v2 and",
+                  "plain scenes, near misses that differ from a concept in one part — silhouette, layout or colours — and",
+                  "blurred concepts): " + classifier_line(data.get("classifier-v2", {})), ""]
+        lines += pilot_table(data.get("pilots-v2", {}), "-v2")
+        lines += reach_table(data.get("reach-v2", {}), "-v2")
     out = RESULTS.parent / "pilot-bases.md"
     kept = out.read_text().partition("\n## Findings")[2] if out.exists() else ""  # hand-written, kept
     out.write_text("\n".join(lines) + "\n" + ("\n## Findings" + kept if kept else ""))
