@@ -209,17 +209,24 @@ def rich_scenes(n: int, seed: int, sample=random_rich_scene) -> tuple[list[Image
 
 # A smaller rich world (10 silhouettes x 5 layouts x 8 colours) whose base can be pretrained in
 # about an hour of 2 CPU threads, and whose concepts are combinations the base never saw together:
-# one in eight two-colour (silhouette, layout, colour pair) combinations is kept out of
-# pretraining and reserved for concepts (250 of 2240), so every part of a concept is drawable
-# and the combination is new, as a DreamBooth subject is new to Stable Diffusion.
+# one in seven two-colour objects (silhouette, layout, colour pair) is kept out of pretraining and
+# reserved for concepts (239 of 1680), so every part of a concept is drawable and the combination
+# is new, as a DreamBooth subject is new to Stable Diffusion.
 V2_SILHOUETTES = world.SHAPES + ("hexagon", "star", "heart", "crescent", "arrow")
 V2_LAYOUTS = ("solid", "split", "outlined", "striped", "dotted")
 V2_CAPTION_WORDS = sorted(set(world.CAPTION_WORDS) | set(V2_SILHOUETTES) | set(V2_LAYOUTS) - {"solid"} | {"and"})
+# Swapping the two colours of a split or striped object gives the same kind of object (the split
+# turned, the stripes shifted): one object, whichever colour is named first.
+SYMMETRIC_LAYOUTS = ("split", "striped")
+
+
+def _object_key(shape: str, layout: str, colours) -> tuple:
+    return (shape, layout) + tuple(sorted(colours) if layout in SYMMETRIC_LAYOUTS else colours)
 
 
 def is_concept_combination(shape: str, layout: str, colours: tuple[str, ...]) -> bool:
-    """Is this (silhouette, layout, ordered colours) reserved for concepts? (a fixed hash: any seed)"""
-    return layout != "solid" and zlib.crc32("|".join((shape, layout) + tuple(colours)).encode()) % 8 == 0
+    """Is this object (silhouette, layout, colours) reserved for concepts? (a fixed hash: any seed)"""
+    return layout != "solid" and zlib.crc32("|".join(_object_key(shape, layout, colours)).encode()) % 7 == 0
 
 
 # --------------------------------------------------------------------------- novel concepts
@@ -326,7 +333,8 @@ def near_misses(concept: NovelConcept, n: int, rng: np.random.Generator) -> list
 def concept_combinations(world_seed: int = 0) -> list[tuple[str, str, tuple[str, str]]]:
     """The reserved (silhouette, layout, colours) combinations in a seeded order: concept i is entry i."""
     combos = [(shape, layout, (a, b)) for shape in V2_SILHOUETTES for layout in V2_LAYOUTS[1:]
-              for a in world.COLOURS for b in world.COLOURS if a != b and is_concept_combination(shape, layout, (a, b))]
+              for a in world.COLOURS for b in world.COLOURS
+              if a != b and (a < b or layout not in SYMMETRIC_LAYOUTS) and is_concept_combination(shape, layout, (a, b))]
     return [combos[i] for i in np.random.default_rng(world_seed).permutation(len(combos))]
 
 
@@ -362,9 +370,11 @@ def combination_near_misses(concept: NovelConcept, n: int, rng: np.random.Genera
             images.append(other.render(background, position, rng))
         else:
             names = [c for c in world.COLOURS if c != background]
+            named = {rgb: name for name, rgb in world.COLOURS.items()}
+            own_colours = _object_key(own, concept.layout, [named[tuple(c)] for c in concept.colours])
             while True:
-                pick = tuple(world.COLOURS[str(c)] for c in rng.choice(names, size=2, replace=False))
-                if pick != concept.colours:
+                pick = tuple(str(c) for c in rng.choice(names, size=2, replace=False))
+                if _object_key(own, concept.layout, pick) != own_colours:  # not the same object named the other way
                     break
-            images.append(concept.render(background, position, rng, colours=pick))
+            images.append(concept.render(background, position, rng, colours=tuple(world.COLOURS[c] for c in pick)))
     return images
