@@ -11,7 +11,10 @@ many named silhouettes and on one-, two- and three-colour layouts, so that a nov
   "a red, white and blue banded heart on a green background";
 - novel concepts (`make_novel_concept(seed)`): an unnamed silhouette the world never shows
   (Fourier blob, gear, irregular polygon), a two- or three-colour layout, and off-palette colours;
-  so silhouette, layout and colours were never seen together.
+  so silhouette, layout and colours were never seen together;
+- world v2 (`random_v2_scene`, `make_combination_concept`): a smaller rich world (10 silhouettes,
+  5 layouts) whose concepts are objects of its own parts kept out of its pretraining: every part
+  drawable, the whole new. Pilot V2 asks whether an adapter can teach those.
 
 The held-out (shape, colour, background, position) combinations of share_lab.world are kept
 out of the solid scenes, so that evaluation.base_quality still measures held-out prompts.
@@ -195,38 +198,10 @@ def random_rich_scene(rng: np.random.Generator, silhouettes=tuple(SILHOUETTES), 
         return RichScene(shape, layout, colours, background, position, str(rng.choice(list(world.SIZES))))
 
 
-def random_v2_scene(rng: np.random.Generator) -> RichScene:
-    return random_rich_scene(rng, V2_SILHOUETTES, V2_LAYOUTS, is_concept_combination)
-
-
 def rich_scenes(n: int, seed: int, sample=random_rich_scene) -> tuple[list[Image.Image], list[RichScene]]:
     rng = np.random.default_rng(seed)
     scenes = [sample(rng) for _ in range(n)]
     return [s.render(rng) for s in scenes], scenes
-
-
-# --------------------------------------------------------------------------- world v2
-
-# A smaller rich world (10 silhouettes x 5 layouts x 8 colours) whose base can be pretrained in
-# about an hour of 2 CPU threads, and whose concepts are combinations the base never saw together:
-# one in seven two-colour objects (silhouette, layout, colour pair) is kept out of pretraining and
-# reserved for concepts (239 of 1680), so every part of a concept is drawable and the combination
-# is new, as a DreamBooth subject is new to Stable Diffusion.
-V2_SILHOUETTES = world.SHAPES + ("hexagon", "star", "heart", "crescent", "arrow")
-V2_LAYOUTS = ("solid", "split", "outlined", "striped", "dotted")
-V2_CAPTION_WORDS = sorted(set(world.CAPTION_WORDS) | set(V2_SILHOUETTES) | set(V2_LAYOUTS) - {"solid"} | {"and"})
-# Swapping the two colours of a split or striped object gives the same kind of object (the split
-# turned, the stripes shifted): one object, whichever colour is named first.
-SYMMETRIC_LAYOUTS = ("split", "striped")
-
-
-def _object_key(shape: str, layout: str, colours) -> tuple:
-    return (shape, layout) + tuple(sorted(colours) if layout in SYMMETRIC_LAYOUTS else colours)
-
-
-def is_concept_combination(shape: str, layout: str, colours: tuple[str, ...]) -> bool:
-    """Is this object (silhouette, layout, colours) reserved for concepts? (a fixed hash: any seed)"""
-    return layout != "solid" and zlib.crc32("|".join(_object_key(shape, layout, colours)).encode()) % 7 == 0
 
 
 # --------------------------------------------------------------------------- novel concepts
@@ -328,6 +303,34 @@ def near_misses(concept: NovelConcept, n: int, rng: np.random.Generator) -> list
             others = tuple(_off_palette_colour(rng) for _ in concept.colours)
             images.append(concept.render(background, position, rng, colours=others))
     return images
+
+
+# --------------------------------------------------------------------------- world v2
+
+# A smaller rich world (10 silhouettes x 5 layouts x 8 colours) whose base can be pretrained in
+# about an hour of 2 CPU threads, and whose concepts are combinations the base never saw together:
+# one in seven two-colour objects (silhouette, layout, colour pair) is kept out of pretraining and
+# reserved for concepts (239 of 1680), so every part of a concept is drawable and the combination
+# is new, as a DreamBooth subject is new to Stable Diffusion.
+V2_SILHOUETTES = world.SHAPES + ("hexagon", "star", "heart", "crescent", "arrow")
+V2_LAYOUTS = ("solid", "split", "outlined", "striped", "dotted")
+V2_CAPTION_WORDS = sorted(set(world.CAPTION_WORDS) | set(V2_SILHOUETTES) | set(V2_LAYOUTS) - {"solid"} | {"and"})
+# Swapping the two colours of a split or striped object gives the same kind of object (the split
+# turned, the stripes shifted): one object, whichever colour is named first.
+SYMMETRIC_LAYOUTS = ("split", "striped")
+
+
+def _object_key(shape: str, layout: str, colours) -> tuple:
+    return (shape, layout) + tuple(sorted(colours) if layout in SYMMETRIC_LAYOUTS else colours)
+
+
+def is_concept_combination(shape: str, layout: str, colours: tuple[str, ...]) -> bool:
+    """Is this object (silhouette, layout, colours) reserved for concepts? (a fixed hash: any seed)"""
+    return layout != "solid" and zlib.crc32("|".join(_object_key(shape, layout, colours)).encode()) % 7 == 0
+
+
+def random_v2_scene(rng: np.random.Generator) -> RichScene:
+    return random_rich_scene(rng, V2_SILHOUETTES, V2_LAYOUTS, is_concept_combination)
 
 
 def concept_combinations(world_seed: int = 0) -> list[tuple[str, str, tuple[str, str]]]:
