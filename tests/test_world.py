@@ -134,3 +134,23 @@ def test_a_world_v2_concept_is_its_combination_and_its_near_misses_are_not():
         assert all(np.abs(pixels(miss) - pixels(r)).mean() > 1 for r in renders)
     with pytest.raises(ValueError, match="239 concepts"):
         pw.make_combination_concept(239)
+
+
+def test_parts_of_a_combination_concept_make_it_and_one_wrong_part_does_not():
+    from share_lab import parts
+    from share_lab import pilot_world as pw
+    combos = pw.concept_combinations()
+    for layout in ("outlined", "striped"):
+        i = next(i for i, (_, x, _) in enumerate(combos) if x == layout)
+        concept, (shape, _, colours) = pw.make_combination_concept(i), combos[i]
+        right = {"shape": shape, "layout": layout, "colours": frozenset(colours), "first": colours[0]}
+        assert parts.matches(right, concept)
+        other_shape = next(s for s in pw.V2_SILHOUETTES if s != shape)
+        other_colour = next(c for c in world.COLOURS if c not in colours)
+        for wrong in ({"shape": other_shape}, {"layout": "dotted"}, {"colours": frozenset({colours[0], other_colour})}):
+            assert not parts.matches(right | wrong, concept), wrong
+        assert not parts.matches(None, concept)  # no clear object
+        # the colour named first matters where the layout orders them (an outline is not a body), not in stripes
+        assert parts.matches(right | {"first": colours[1]}, concept) == (layout == "striped")
+    t = parts.targets([None])
+    assert t["object"].tolist() == [0.0] and t["shape"].tolist() == t["layout"].tolist() == t["first"].tolist() == [-1]

@@ -45,7 +45,7 @@ import share_lab
 from share_diffusers import ShareState
 from share_diffusers.targets import pipeline_shapes
 from share_diffusers.training import Example, attach_new_concept, train_in_process
-from share_lab import ROOT, evaluation, world
+from share_lab import ROOT, evaluation, parts, world
 from share_lab import pilot_world as pw
 from share_lab.baselines import train_lora_baseline
 
@@ -132,8 +132,73 @@ def labelled_renders(n: int, seed: int, augment: bool):
     return evaluation.to_batch(images), torch.tensor(labels)
 
 
-def load_classifier() -> evaluation.IdentityClassifier:
-    return evaluation.load_identity_classifier(RUNS / CONCEPT_WORLD["classifier"])
+def load_classifier():
+    """What names the concept in an image: the concepts' own classifier, or for world v2 the parts
+    classifier over the concepts measured (`share_lab.parts`)."""
+    model = evaluation.load_identity_classifier(RUNS / CONCEPT_WORLD["classifier"])
+    return parts.ConceptReader(model, concepts()) if CONCEPT_WORLD is CONCEPT_WORLDS["v2"] else model
+
+
+def prepare_parts(args) -> None:
+    """World v2: train the parts classifier (half its images through the shipped VAE) and measure it:
+    each head on fresh renders and their round trips, and as an identity classifier on every one of
+    the 239 concepts (4 held-out renders each, against each other and "none") and on near misses."""
+    start = time.time()
+    torch.manual_seed(0)
+    vae = load_vae()
+    model = parts.new_classifier()
+    images, t = parts.labelled_renders(args.images, seed=0)
+    x = evaluation.to_batch(images)
+    half = torch.arange(len(x)) % 2 == 0
+    x[half] = classifier_script.through_vae(x[half], vae)
+    rendered = time.time() - start
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    schedule = get_scheduler("cosine", optimizer, num_warmup_steps=100, num_training_steps=args.steps)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(1, args.steps + 1):
+        model.train()
+        index = torch.randint(len(x), (64,), generator=generator)
+        loss = parts.loss(model(classifier_script.jitter(x[index], generator)), {k: v[index] for k, v in t.items()})
+        loss.backward()
+        optimizer.step(), schedule.step(), optimizer.zero_grad()
+        if step % 250 == 0:
+            print(f"parts classifier step {step}/{args.steps} loss {loss.item():.4f} ({time.time() - start:.0f} s)", flush=True)
+    model.eval()
+    folder = RUNS / CONCEPT_WORLD["classifier"]
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(model.state_dict(), folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"classes": model.classes, "width": 24}))
+
+    def head_accuracy(x, scenes) -> dict:
+        read = parts.read(model, x)
+        shown = [(r, s) for r, s in zip(read, scenes) if s is not None]
+        return {"object": float(np.mean([(r is not None) == (s is not None) for r, s in zip(read, scenes)])),
+                "all_parts": float(np.mean([r is not None and r["shape"] == s.shape and r["layout"] == s.layout
+                                            and r["colours"] == frozenset(s.colours) for r, s in shown]))}
+
+    rng = np.random.default_rng(1)
+    fresh = [pw.random_rich_scene(rng, pw.V2_SILHOUETTES, pw.V2_LAYOUTS) for _ in range(600)]
+    fx = evaluation.to_batch([s.render(rng) for s in fresh])
+    every = [CONCEPT_WORLD["make"](i) for i in range(len(pw.concept_combinations()))]
+    reader = parts.ConceptReader(model, every)
+    heldout = [(c, s.image) for c in every for s in world.concept_splits(c, 0, 4)[1]]
+    named = reader.predict([im for _, im in heldout])
+    misses = [im for c in every[:40] for im in pw.combination_near_misses(c, 3, np.random.default_rng(c.seed))]
+    ox = evaluation.to_batch([im for _, im in heldout])
+    result = {
+        "units": len(parts.UNITS), "train_images": args.images, "train_steps": args.steps,
+        "fresh_renders": head_accuracy(fx, fresh),
+        "fresh_renders_vae_round_trip": head_accuracy(classifier_script.through_vae(fx, vae), fresh),
+        "concepts": len(every),
+        "concept_heldout_identity": float(np.mean([n == c.name for (c, _), n in zip(heldout, named)])),
+        "concept_heldout_vae_round_trip_identity": float(np.mean([
+            parts.matches(r, c) for (c, _), r in zip(heldout, parts.read(model, classifier_script.through_vae(ox, vae)))])),
+        "near_misses_rejected": float(np.mean([n == "none" for n in parts.ConceptReader(model, every[:40]).predict(misses)])),
+        "render_seconds": round(rendered), "seconds": round(time.time() - start),
+    }
+    record(["classifier" + CONCEPT_WORLD["key"]], result)
+    record(["concepts" + CONCEPT_WORLD["key"]], [{"name": c.name, "trigger": c.trigger} for c in concepts()])
+    print(json.dumps(result, indent=2), flush=True)
 
 
 def prepare(args) -> None:
@@ -461,7 +526,10 @@ def main() -> None:
     global CONCEPT_WORLD
     CONCEPT_WORLD = CONCEPT_WORLDS[args.concept_world]
     RUNS.mkdir(parents=True, exist_ok=True)
-    {"prepare": prepare, "pilot": pilot, "reach": reach}[args.command](args)
+    if args.command == "prepare" and CONCEPT_WORLD is CONCEPT_WORLDS["v2"]:
+        prepare_parts(args)
+    else:
+        {"prepare": prepare, "pilot": pilot, "reach": reach}[args.command](args)
 
 
 if __name__ == "__main__":
