@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.optimization import get_scheduler
 from PIL import Image, ImageFilter
 from safetensors.torch import save_file
@@ -146,7 +147,7 @@ def prepare_parts(args) -> None:
     start = time.time()
     torch.manual_seed(0)
     vae = load_vae()
-    model = parts.new_classifier()
+    model = parts.new_classifier(args.width)
     images, t = parts.labelled_renders(args.images, seed=0)
     x = evaluation.to_batch(images)
     half = torch.arange(len(x)) % 2 == 0
@@ -167,32 +168,39 @@ def prepare_parts(args) -> None:
     folder = RUNS / CONCEPT_WORLD["classifier"]
     folder.mkdir(parents=True, exist_ok=True)
     save_file(model.state_dict(), folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps({"classes": model.classes, "width": 24}))
+    (folder / "config.json").write_text(json.dumps({"classes": model.classes, "width": args.width}))
 
-    def head_accuracy(x, scenes) -> dict:
-        read = parts.read(model, x)
-        shown = [(r, s) for r, s in zip(read, scenes) if s is not None]
-        return {"object": float(np.mean([(r is not None) == (s is not None) for r, s in zip(read, scenes)])),
-                "all_parts": float(np.mean([r is not None and r["shape"] == s.shape and r["layout"] == s.layout
-                                            and r["colours"] == frozenset(s.colours) for r, s in shown]))}
+    def head_accuracy(images, scenes) -> dict:
+        """Each part on renders of objects (all of them objects; a missed object counts as wrong)."""
+        read = parts.read(model, images)
+        rate = lambda right: float(np.mean([r is not None and right(r, s) for r, s in zip(read, scenes)]))  # noqa: E731
+        ordered = [(r, s) for r, s in zip(read, scenes) if s.layout not in pw.SYMMETRIC_LAYOUTS]
+        return {"object": rate(lambda r, s: True), "shape": rate(lambda r, s: r["shape"] == s.shape),
+                "layout": rate(lambda r, s: r["layout"] == s.layout),
+                "colours": rate(lambda r, s: r["colours"] == frozenset(s.colours)),
+                "first_colour": float(np.mean([r is not None and r["first"] == s.colours[0] for r, s in ordered])),
+                "all_parts": rate(lambda r, s: r["shape"] == s.shape and r["layout"] == s.layout
+                                  and r["colours"] == frozenset(s.colours))}
+
+    def round_trip(images):
+        return VaeImageProcessor(do_resize=False).postprocess(
+            classifier_script.through_vae(evaluation.to_batch(images), vae), output_type="pil")
 
     rng = np.random.default_rng(1)
     fresh = [pw.random_rich_scene(rng, pw.V2_SILHOUETTES, pw.V2_LAYOUTS) for _ in range(600)]
-    fx = evaluation.to_batch([s.render(rng) for s in fresh])
+    fresh_images = [s.render(rng) for s in fresh]
     every = [CONCEPT_WORLD["make"](i) for i in range(len(pw.concept_combinations()))]
     reader = parts.ConceptReader(model, every)
     heldout = [(c, s.image) for c in every for s in world.concept_splits(c, 0, 4)[1]]
-    named = reader.predict([im for _, im in heldout])
     misses = [im for c in every[:40] for im in pw.combination_near_misses(c, 3, np.random.default_rng(c.seed))]
-    ox = evaluation.to_batch([im for _, im in heldout])
+    identity = lambda images: float(np.mean([n == c.name for (c, _), n in zip(heldout, reader.predict(images))]))  # noqa: E731
     result = {
-        "units": len(parts.UNITS), "train_images": args.images, "train_steps": args.steps,
-        "fresh_renders": head_accuracy(fx, fresh),
-        "fresh_renders_vae_round_trip": head_accuracy(classifier_script.through_vae(fx, vae), fresh),
+        "units": len(parts.UNITS), "train_images": args.images, "train_steps": args.steps, "width": args.width,
+        "fresh_renders": head_accuracy(fresh_images, fresh),
+        "fresh_renders_vae_round_trip": head_accuracy(round_trip(fresh_images), fresh),
         "concepts": len(every),
-        "concept_heldout_identity": float(np.mean([n == c.name for (c, _), n in zip(heldout, named)])),
-        "concept_heldout_vae_round_trip_identity": float(np.mean([
-            parts.matches(r, c) for (c, _), r in zip(heldout, parts.read(model, classifier_script.through_vae(ox, vae)))])),
+        "concept_heldout_identity": identity([im for _, im in heldout]),
+        "concept_heldout_vae_round_trip_identity": identity(round_trip([im for _, im in heldout])),
         "near_misses_rejected": float(np.mean([n == "none" for n in parts.ConceptReader(model, every[:40]).predict(misses)])),
         "render_seconds": round(rendered), "seconds": round(time.time() - start),
     }
@@ -497,6 +505,7 @@ def main() -> None:
     p = sub.add_parser("prepare")
     p.add_argument("--images", type=int, default=6000)
     p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--width", type=int, default=24, help="the classifier's first layer's channels (world v2's parts)")
     p = sub.add_parser("pilot")
     p.add_argument("--name", required=True)
     p.add_argument("--base", type=Path, help="measure this pipeline instead of pretraining one")

@@ -85,10 +85,10 @@ def loss(logits: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
 # --------------------------------------------------------------------------- reading images
 
 @torch.no_grad()
-def read(model: IdentityClassifier, x: torch.Tensor) -> list[dict | None]:
-    """The parts of each image (a [-1, 1] NCHW batch), or None where it shows no clear object."""
+def read(model: IdentityClassifier, images: list[Image.Image]) -> list[dict | None]:
+    """The parts of each image, or None where it shows no clear object."""
     model.eval()
-    logits = model(x)
+    logits = model(to_batch([im.convert("RGB").resize((world.RESOLUTION,) * 2) for im in images]))
     out = []
     for row in logits:
         if row[-1] < 0:
@@ -120,5 +120,5 @@ class ConceptReader:
         self.model, self.concepts = model, concepts
 
     def predict(self, images) -> list[str]:
-        parts = read(self.model, to_batch([im.resize((world.RESOLUTION,) * 2) for im in images]))
+        parts = read(self.model, images)
         return [next((c.name for c in self.concepts if matches(p, c)), "none") for p in parts]
