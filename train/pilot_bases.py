@@ -346,10 +346,12 @@ def pretrain_pilot(args, out: Path, vae) -> tuple[StableDiffusionPipeline, dict]
     stage = time.time()
     resumed_at = torch.load(out / "denoiser.pt")["step"] if (out / "denoiser.pt").exists() else 0
     pretrain.train_denoiser(unet, text_encoder, tokenizer, means, stds, vae.config.scaling_factor, scenes,
-                            plan["steps"], args.batch_size, args.lr, args.seed, out / "denoiser.pt")
+                            plan["steps"], args.batch_size, args.lr, args.seed, out / "denoiser.pt",
+                            prediction_type=args.prediction_type)
     denoiser_seconds = time.time() - stage
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DPMSolverMultistepScheduler(**pretrain.NOISE_SCHEDULE),
+                                   scheduler=DPMSolverMultistepScheduler(**pretrain.NOISE_SCHEDULE,
+                                                                         prediction_type=args.prediction_type),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out / "base")
     info = {"steps": plan["steps"], "resumed_at_step": resumed_at, "data_seconds": round(data_seconds),
@@ -389,7 +391,8 @@ def pilot(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     key = ["pilots" + CONCEPT_WORLD["key"], args.name]
     config = ({"base": str(args.base)} if args.base else
-              {k: getattr(args, k) for k in ("world", "cross_attn", "width", "minutes", "steps", "images", "batch_size", "lr", "seed")}
+              {k: getattr(args, k) for k in ("world", "cross_attn", "width", "minutes", "steps", "images", "batch_size", "lr", "seed",
+                                  "prediction_type")}
               | ({"init_from": str(args.init_from)} if args.init_from else {}))
     record(key + ["config"], config)
     record(key + ["command"], "python train/pilot_bases.py " + " ".join(sys.argv[1:]))
@@ -519,6 +522,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, help="denoiser steps instead of --minutes: the same CPU cost for designs "
                                              "of different cost per step, whatever the load of a shared CPU")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon",
+                   help="what the denoiser predicts (v: the layout comes from the prompt, not the starting noise)")
     p.add_argument("--lr", type=float, default=1e-3, help="7e-4 in the shipped 6000-step recipe; short pilots")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quality-images", type=int, default=60)

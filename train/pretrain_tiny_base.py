@@ -206,9 +206,13 @@ def encode(vae, images, cache: Path, batch_size=500) -> tuple[torch.Tensor, torc
 
 
 def train_denoiser(unet, text_encoder, tokenizer, means, stds, scaling_factor, scenes, steps, batch_size, lr,
-                   seed, checkpoint: Path, log_every=100) -> None:
-    """Joint UNet + text-encoder training; EMA weights are copied into the models at the end."""
-    noise_scheduler = DDPMScheduler(**NOISE_SCHEDULE)
+                   seed, checkpoint: Path, log_every=100, prediction_type="epsilon") -> None:
+    """Joint UNet + text-encoder training; EMA weights are copied into the models at the end.
+
+    ``prediction_type`` "v_prediction" makes the model predict v = √ᾱ ε − √(1−ᾱ) x0: near t = T that is
+    minus the image itself, so where the object goes must come from the prompt, not from the noise.
+    """
+    noise_scheduler = DDPMScheduler(**NOISE_SCHEDULE, prediction_type=prediction_type)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)  # no decay: unseen trigger embeddings stay as initialised
     schedule = get_scheduler("cosine", optimizer, num_warmup_steps=200, num_training_steps=steps)
@@ -235,8 +239,11 @@ def train_denoiser(unet, text_encoder, tokenizer, means, stds, scaling_factor, s
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
         prediction = unet(noise_scheduler.add_noise(latents, noise, timesteps), timesteps, text_encoder(ids)[0]).sample
         snr = compute_snr(noise_scheduler, timesteps)
-        weights = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 weighting for epsilon prediction
-        loss = (F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
+        if prediction_type == "v_prediction":  # min-SNR-5 weighting (Hang et al. 2023) for each target
+            target, weights = noise_scheduler.get_velocity(latents, noise, timesteps), torch.clamp(snr, max=5.0) / (snr + 1)
+        else:
+            target, weights = noise, torch.clamp(snr, max=5.0) / snr
+        loss = (F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step(), schedule.step(), optimizer.zero_grad()
@@ -269,6 +276,8 @@ def main() -> None:
     parser.add_argument("--denoiser-steps", type=int, default=6000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=7e-4)
+    parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon",
+                        help="the denoiser's target (the shipped base: epsilon; train_denoiser says why v)")
     parser.add_argument("--cross-attn", choices=("8", "all"), default="8",
                         help="8: attention at 8x8 only (the shipped base); all: at 16x16 too "
                              "(pilot P3: no gain in adapter identity, docs/results/pilot-bases.md)")
@@ -302,12 +311,12 @@ def main() -> None:
     print(f"autoencoder done, scaling_factor {vae.config.scaling_factor:.4f} ({(time.time() - stage) / 60:.1f} min)", flush=True)
     stage = time.time()
     train_denoiser(unet, text_encoder, tokenizer, means, stds, vae.config.scaling_factor, scenes, args.denoiser_steps, args.batch_size,
-                   args.lr, args.seed, args.work_dir / "denoiser.pt")
+                   args.lr, args.seed, args.work_dir / "denoiser.pt", prediction_type=args.prediction_type)
     print(f"denoiser done ({(time.time() - stage) / 60:.1f} min)", flush=True)
 
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=DPMSolverMultistepScheduler(**NOISE_SCHEDULE),
+        scheduler=DPMSolverMultistepScheduler(**NOISE_SCHEDULE, prediction_type=args.prediction_type),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(args.output)
     for name in ("vocab.json", "merges.txt"):  # keep the hand-written sources beside tokenizer.json
