@@ -22,6 +22,7 @@ WHAT = {
           "and 8×8: the shipped base with one change (2 threads)",
     "V2": "from scratch: world v2 (10 silhouettes × 5 layouts × 8 colours; 250 combinations kept out for concepts), "
           "today's UNet, 60,000 images, 10,000 × 32, lr 7e-4 (2 threads)",
+    "VP": "shipped base fine-tuned on today's world to predict v instead of the noise (--prediction-type v_prediction)",
     "shipped": "the shipped base as is (today's world and UNet, 6000 steps × batch 32)",
     "F0": "shipped base + fine-tuning on today's world (control: more steps, same world)",
     "F1": "shipped base + fine-tuning on the rich world, today's UNet",
@@ -119,7 +120,9 @@ def main() -> None:
                   "Identity classifier (`python train/pilot_bases.py --concept-world v2 prepare`; \"none\" = world-v2 and",
                   "plain scenes, near misses that differ from a concept in one part — silhouette, layout or colours — and",
                   "blurred concepts): " + classifier_line(data.get("classifier-v2", {})), ""]
-        lines += pilot_table(data.get("pilots-v2", {}), "-v2")
+        v2 = {name: {"pretraining": data.get("pilots", {}).get(name, {}).get("pretraining")} | p  # measured after pretraining
+              for name, p in data.get("pilots-v2", {}).items()}
+        lines += pilot_table(v2, "-v2")
         lines += reach_table(data.get("reach-v2", {}), "-v2")
     out = RESULTS.parent / "pilot-bases.md"
     kept = out.read_text().partition("\n## Findings")[2] if out.exists() else ""  # hand-written, kept
