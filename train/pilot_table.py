@@ -20,7 +20,7 @@ WHAT = {
     "P2b": "P2 continued from its weights (a new cosine schedule)",
     "P3": "from scratch: today's world and the shipped recipe (30,000 images, 6000 × 32, lr 7e-4), cross-attn at 16×16 "
           "and 8×8: the shipped base with one change (2 threads)",
-    "V2": "from scratch: world v2 (10 silhouettes × 5 layouts × 8 colours; 250 combinations kept out for concepts), "
+    "V2": "from scratch: world v2 (10 silhouettes × 5 layouts × 8 colours; 239 objects kept out for concepts), "
           "today's UNet, 60,000 images, 10,000 × 32, lr 7e-4 (2 threads)",
     "VP": "shipped base fine-tuned on today's world to predict v instead of the noise (--prediction-type v_prediction)",
     "shipped": "the shipped base as is (today's world and UNet, 6000 steps × batch 32)",
@@ -62,6 +62,14 @@ def classifier_line(c: dict) -> str:
             f"{pct(c.get('fresh_renders_vae_round_trip_accuracy'))}; the concepts' 20 held-out renders each "
             f"{pct(c.get('concept_heldout_accuracy'))} / round trips {pct(c.get('concept_heldout_vae_round_trip_accuracy'))}"
             f" (round-trip mean abs. error {c.get('concept_heldout_vae_round_trip_mean_abs_error', float('nan')):.3f} of the range).")
+
+
+def parts_line(c: dict) -> str:
+    f, r = c.get("fresh_renders", {}), c.get("fresh_renders_vae_round_trip", {})
+    heads = ", ".join(f"{k} {pct(f.get(k))}" for k in ("shape", "layout", "colours", "first_colour", "all_parts"))
+    return (f"on 600 fresh renders {heads} (through the VAE: all parts {pct(r.get('all_parts'))}); the {c.get('concepts')} "
+            f"concepts' held-out renders named right {pct(c.get('concept_heldout_identity'))} (VAE round trips "
+            f"{pct(c.get('concept_heldout_vae_round_trip_identity'))}); near misses rejected {pct(c.get('near_misses_rejected'))}.")
 
 
 def pilot_table(pilots: dict, suffix: str) -> list[str]:
@@ -114,12 +122,13 @@ def main() -> None:
         concepts = ", ".join(c["name"] for c in data.get("concepts-v2", []))
         lines += ["", "## World v2: concepts that are new combinations of parts the base draws", "",
                   "`lab/share_lab/pilot_world.py`'s world v2 (10 silhouettes × solid, split, outlined, striped, dotted × 8",
-                  "colours) keeps 250 (silhouette, layout, colour pair) combinations out of pretraining; its concepts are",
-                  f"those combinations (`make_combination_concept(i)`; measured: {concepts}).",
+                  "colours) keeps one in seven two-colour objects (silhouette, layout, colour pair: 239) out of pretraining;",
+                  f"its concepts are those objects (`make_combination_concept(i)`; measured: {concepts}).",
                   "",
-                  "Identity classifier (`python train/pilot_bases.py --concept-world v2 prepare`; \"none\" = world-v2 and",
-                  "plain scenes, near misses that differ from a concept in one part — silhouette, layout or colours — and",
-                  "blurred concepts): " + classifier_line(data.get("classifier-v2", {})), ""]
+                  "Identity: `share_lab.parts`, a CNN naming silhouette, layout, colours and body colour, and whether there is",
+                  "a clear object (`python train/pilot_bases.py --concept-world v2 prepare --images 12000 --steps 5000 --width 32`);",
+                  "an image is concept c when every part is c's, so one network names all 239 and a near miss (one part",
+                  "wrong) is \"none\": " + parts_line(data.get("classifier-v2", {})), ""]
         v2 = {name: {"pretraining": data.get("pilots", {}).get(name, {}).get("pretraining")} | p  # measured after pretraining
               for name, p in data.get("pilots-v2", {}).items()}
         lines += pilot_table(v2, "-v2")
