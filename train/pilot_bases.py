@@ -140,6 +140,28 @@ def load_classifier():
     return parts.ConceptReader(model, concepts()) if CONCEPT_WORLD is CONCEPT_WORLDS["v2"] else model
 
 
+def fit_classifier(model, x: torch.Tensor, loss_of, steps: int, start: float) -> None:
+    """Train on x (half already through the VAE): AdamW, cosine schedule, jittered batches of 64;
+    ``loss_of(logits, index)`` is the loss of the images ``x[index]``. Saved in this world's folder."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    schedule = get_scheduler("cosine", optimizer, num_warmup_steps=100, num_training_steps=steps)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(1, steps + 1):
+        model.train()
+        index = torch.randint(len(x), (64,), generator=generator)
+        loss = loss_of(model(classifier_script.jitter(x[index], generator)), index)
+        loss.backward()
+        optimizer.step(), schedule.step(), optimizer.zero_grad()
+        if step % 250 == 0:
+            print(f"classifier step {step}/{steps} loss {loss.item():.4f} ({time.time() - start:.0f} s)", flush=True)
+    model.eval()
+    folder = RUNS / CONCEPT_WORLD["classifier"]
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(model.state_dict(), folder / "model.safetensors")
+    width = model.features[0].out_channels
+    (folder / "config.json").write_text(json.dumps({"classes": model.classes, "width": width}))
+
+
 def prepare_parts(args) -> None:
     """World v2: train the parts classifier (half its images through the shipped VAE) and measure it:
     each head on fresh renders and their round trips, and as an identity classifier on every one of
@@ -153,22 +175,7 @@ def prepare_parts(args) -> None:
     half = torch.arange(len(x)) % 2 == 0
     x[half] = classifier_script.through_vae(x[half], vae)
     rendered = time.time() - start
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    schedule = get_scheduler("cosine", optimizer, num_warmup_steps=100, num_training_steps=args.steps)
-    generator = torch.Generator().manual_seed(0)
-    for step in range(1, args.steps + 1):
-        model.train()
-        index = torch.randint(len(x), (64,), generator=generator)
-        loss = parts.loss(model(classifier_script.jitter(x[index], generator)), {k: v[index] for k, v in t.items()})
-        loss.backward()
-        optimizer.step(), schedule.step(), optimizer.zero_grad()
-        if step % 250 == 0:
-            print(f"parts classifier step {step}/{args.steps} loss {loss.item():.4f} ({time.time() - start:.0f} s)", flush=True)
-    model.eval()
-    folder = RUNS / CONCEPT_WORLD["classifier"]
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(model.state_dict(), folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps({"classes": model.classes, "width": args.width}))
+    fit_classifier(model, x, lambda logits, index: parts.loss(logits, {k: v[index] for k, v in t.items()}), args.steps, start)
 
     def head_accuracy(images, scenes) -> dict:
         """Each part on renders of objects (all of them objects; a missed object counts as wrong)."""
@@ -221,22 +228,7 @@ def prepare(args) -> None:
     half = torch.arange(len(x)) % 2 == 0
     x[half] = classifier_script.through_vae(x[half], vae)
     rendered = time.time() - start
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    schedule = get_scheduler("cosine", optimizer, num_warmup_steps=100, num_training_steps=args.steps)
-    generator = torch.Generator().manual_seed(0)
-    for step in range(1, args.steps + 1):
-        model.train()
-        index = torch.randint(len(x), (64,), generator=generator)
-        loss = F.cross_entropy(model(classifier_script.jitter(x[index], generator)), y[index])
-        loss.backward()
-        optimizer.step(), schedule.step(), optimizer.zero_grad()
-        if step % 250 == 0:
-            print(f"classifier step {step}/{args.steps} loss {loss.item():.4f} ({time.time() - start:.0f} s)", flush=True)
-    model.eval()
-    folder = RUNS / CONCEPT_WORLD["classifier"]
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(model.state_dict(), folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps({"classes": model.classes, "width": 24}))
+    fit_classifier(model, x, lambda logits, index: F.cross_entropy(logits, y[index]), args.steps, start)
 
     # held out: fresh renders (another seed) and each concept's 20 held-out renders
     fx, fy = labelled_renders(1000, seed=1, augment=False)
