@@ -97,6 +97,8 @@ def parse_args(argv=None):
     p.add_argument("--identity_images", type=int, default=20, help="held-out images per concept for discriminative identity")
     p.add_argument("--images", type=int, default=100,
                    help="generated images per concept for identity accuracy (its held-out prompts, cycled with new seeds; 0: skip)")
+    p.add_argument("--classifier", default=str(share_lab.CLASSIFIER),
+                   help="identity classifier of generated images (a folder; world v2: the parts reader)")
     p.add_argument("--sample_steps", type=int, default=evaluation.DEFAULT_STEPS, help="sampling steps of generated images (identity, drift)")
     p.add_argument("--drift_prompts", type=int, default=8, help="prompts without a concept for drift")
     p.add_argument("--share_args", default="", help="extra flags for learn_concept.py (e.g. '--basis_rank 8')")
@@ -483,7 +485,7 @@ def final_metrics(method: str, learner: Learner, concepts, args, drift_reference
             out["discriminative_when_learned"] = identity(learner.select_when_learned)
             learner.restore(concepts)
     if args.images:
-        classifier = evaluation.load_identity_classifier()
+        classifier = evaluation.load_identity_classifier(args.classifier)
         out["identity"] = []
         for j, c in enumerate(concepts):
             learner.select(j)

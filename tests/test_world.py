@@ -136,7 +136,7 @@ def test_a_world_v2_concept_is_its_combination_and_its_near_misses_are_not():
         pw.make_combination_concept(239)
 
 
-def test_parts_of_a_combination_concept_make_it_and_one_wrong_part_does_not():
+def test_parts_of_a_combination_concept_name_it_and_one_wrong_part_does_not():
     from share_lab import parts
     from share_lab import pilot_world as pw
     combos = pw.concept_combinations()
@@ -144,13 +144,72 @@ def test_parts_of_a_combination_concept_make_it_and_one_wrong_part_does_not():
         i = next(i for i, (_, x, _) in enumerate(combos) if x == layout)
         concept, (shape, _, colours) = pw.make_combination_concept(i), combos[i]
         right = {"shape": shape, "layout": layout, "colours": frozenset(colours), "first": colours[0]}
-        assert parts.matches(right, concept)
+        assert parts.name(right) == concept.name
         other_shape = next(s for s in pw.V2_SILHOUETTES if s != shape)
         other_colour = next(c for c in world.COLOURS if c not in colours)
-        for wrong in ({"shape": other_shape}, {"layout": "dotted"}, {"colours": frozenset({colours[0], other_colour})}):
-            assert not parts.matches(right | wrong, concept), wrong
-        assert not parts.matches(None, concept)  # no clear object
+        for wrong in ({"shape": other_shape}, {"layout": "dotted"},
+                      {"colours": frozenset({colours[0], other_colour})}):
+            assert parts.name(right | wrong) != concept.name, wrong
+        assert parts.name(None) == "none"  # no clear object
         # the colour named first matters where the layout orders them (an outline is not a body), not in stripes
-        assert parts.matches(right | {"first": colours[1]}, concept) == (layout == "striped")
+        assert (parts.name(right | {"first": colours[1]}) == concept.name) == (layout == "striped")
     t = parts.targets([None])
-    assert t["object"].tolist() == [0.0] and t["shape"].tolist() == t["layout"].tolist() == t["first"].tolist() == [-1]
+    assert t["object"].tolist() == [0.0] and t["shape"].tolist() == t["layout"].tolist() == [-1]
+
+
+def test_colours_are_read_off_the_pixels_body_first():
+    """On renders of concepts of each two-colour layout, the two most-covered pure colours are the
+    concept's, and the body of an outlined or dotted object is told from its outline or dots."""
+    from share_lab import parts
+    from share_lab import pilot_world as pw
+    combos = pw.concept_combinations()
+    for layout in pw.V2_LAYOUTS[1:]:
+        i = next(i for i, (_, x, _) in enumerate(combos) if x == layout)
+        concept, (_, _, colours) = pw.make_combination_concept(i), combos[i]
+        for sample in world.concept_splits(concept, 2, 0)[0]:
+            reading = parts.colour_reading(sample.image)
+            got = [parts.COLOURS[c] for c in reading["colours"][:2]]
+            assert set(got) == set(colours), (concept.name, got)
+            assert parts.COLOURS[reading["background"]] not in colours
+            if layout in ("outlined", "dotted"):
+                rim = reading["rim"][reading["colours"][:2]]
+                body = reading["colours"][int(rim.argmin() if layout == "outlined" else rim.argmax())]
+                assert parts.COLOURS[body] == colours[0], (concept.name, sample.caption)
+            roles = parts.role_map(sample.image, reading)
+            assert roles.shape == (3, world.RESOLUTION, world.RESOLUTION) and roles.min() >= -1 and roles.max() <= 1
+            # the background channel is high on the border, the body's channel at some object pixels
+            assert roles[0, 0].mean() > 0.9 and roles[1].max() > 0.9
+
+
+def test_a_saved_parts_reader_loads_as_an_identity_classifier(tmp_path):
+    """evaluation.load_identity_classifier gives a PartsReader for a folder saved with kind "parts";
+    whatever its CNN says, a plain background has no object and reads "none"."""
+    import json
+
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from share_lab import evaluation, parts
+    from share_lab import pilot_world as pw
+    model = parts.new_classifier(8)
+    save_file(model.state_dict(), tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"classes": model.classes, "width": 8, "kind": "parts"}))
+    reader = evaluation.load_identity_classifier(tmp_path)
+    assert isinstance(reader, parts.PartsReader)
+    blank = Image.new("RGB", (64, 64), world.COLOURS["green"])
+    render = world.concept_splits(pw.make_combination_concept(0), 1, 0)[0][0].image
+    names = reader.predict([blank, render])
+    assert names[0] == "none" and len(names) == 2
+
+
+def test_a_world_v2_concept_folder_records_its_parts(tmp_path):
+    from share_lab import pilot_world as pw
+    concept = pw.make_combination_concept(3)
+    folder = world.load_concept(world.write_concept(concept, tmp_path, 2, 3))
+    assert folder.name == concept.name and len(folder.train) == 2 and len(folder.heldout) == 3
+    parts = folder.metadata["parts"]
+    assert folder.metadata["world"] == "v2" and parts["layout"] == concept.layout
+    assert "-".join(parts["colours"] + [parts["layout"], parts["shape"]]) == concept.name
+    assert all(s.caption.startswith(f"a photo of {concept.trigger} on a ") for s in folder.train)
+    with pytest.raises(ValueError, match="world-v2 concept"):
+        folder.generator()

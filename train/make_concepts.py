@@ -7,13 +7,15 @@ Evaluation numbers already in a concept.json (written by train_reference_loras.p
 
     python train/make_concepts.py                       # the 12 shipped concepts
     python train/make_concepts.py --count 40 --output runs/concepts --world-seed 3
+    # world v2: new combinations of parts the v2 base draws (here only layouts the VAE keeps)
+    python train/make_concepts.py --world v2 --layouts split striped --count 20 --output runs/concepts-v2
 """
 
 import argparse
 from pathlib import Path
 
 import share_lab
-from share_lab import world
+from share_lab import pilot_world, world
 
 
 def main() -> None:
@@ -24,8 +26,18 @@ def main() -> None:
     parser.add_argument("--world-seed", type=int, default=0)
     parser.add_argument("--train", type=int, default=5, help="training images per concept")
     parser.add_argument("--heldout", type=int, default=20, help="held-out images per concept")
+    parser.add_argument("--world", choices=("v1", "v2"), default="v1",
+                        help="v2: world v2's reserved combinations (share_lab.pilot_world), read by share_lab.parts")
+    parser.add_argument("--layouts", nargs="+", choices=pilot_world.V2_LAYOUTS[1:], default=pilot_world.V2_LAYOUTS[1:],
+                        help="world v2: only concepts of these layouts (in the world's order)")
     args = parser.parse_args()
-    for concept in world.make_concepts(args.count, args.world_seed):
+    if args.world == "v1":
+        concepts = world.make_concepts(args.count, args.world_seed)
+    else:
+        every = (pilot_world.make_combination_concept(i, args.world_seed)
+                 for i in range(len(pilot_world.concept_combinations(args.world_seed))))
+        concepts = [c for c in every if c.layout in args.layouts][:args.count]
+    for concept in concepts:
         folder = world.write_concept(concept, args.output, args.train, args.heldout)
         print(f"{folder}  {concept.trigger:6s}  {concept.description}")
 

@@ -89,7 +89,7 @@ CONCEPT_WORLDS = {
     "novel": dict(make=lambda i: pw.make_novel_concept(i, CONCEPT_WORLD_SEED), near_misses=pw.near_misses,
                   near_miss_kinds=2, scene=pw.random_rich_scene, classifier="classifier", key=""),
     "v2": dict(make=pw.make_combination_concept, near_misses=pw.combination_near_misses,
-               near_miss_kinds=3, scene=pw.random_v2_scene, classifier="classifier-v2", key="-v2"),
+               near_miss_kinds=3, scene=pw.random_v2_scene, classifier="reader-v2", key="-v2"),
 }
 CONCEPT_WORLD = CONCEPT_WORLDS["novel"]  # set by main()
 
@@ -100,6 +100,12 @@ def concepts() -> list[pw.NovelConcept]:
 
 def load_vae() -> AutoencoderKL:
     return AutoencoderKL.from_pretrained(SHIPPED_VAE, local_files_only=True).eval()
+
+
+def round_trip(images: list[Image.Image], vae) -> list[Image.Image]:
+    """The images as the base's decoder draws them: decode(encode(x))."""
+    return VaeImageProcessor(do_resize=False).postprocess(
+        classifier_script.through_vae(evaluation.to_batch(images), vae), output_type="pil")
 
 
 # --------------------------------------------------------------------------- identity classifier
@@ -135,9 +141,8 @@ def labelled_renders(n: int, seed: int, augment: bool):
 
 def load_classifier():
     """What names the concept in an image: the concepts' own classifier, or for world v2 the parts
-    classifier over the concepts measured (`share_lab.parts`)."""
-    model = evaluation.load_identity_classifier(RUNS / CONCEPT_WORLD["classifier"])
-    return parts.ConceptReader(model, concepts()) if CONCEPT_WORLD is CONCEPT_WORLDS["v2"] else model
+    reader (`share_lab.parts`)."""
+    return evaluation.load_identity_classifier(RUNS / CONCEPT_WORLD["classifier"])
 
 
 def fit_classifier(model, x: torch.Tensor, loss_of, steps: int, start: float) -> None:
@@ -158,22 +163,25 @@ def fit_classifier(model, x: torch.Tensor, loss_of, steps: int, start: float) ->
     folder = RUNS / CONCEPT_WORLD["classifier"]
     folder.mkdir(parents=True, exist_ok=True)
     save_file(model.state_dict(), folder / "model.safetensors")
-    width = model.features[0].out_channels
-    (folder / "config.json").write_text(json.dumps({"classes": model.classes, "width": width}))
+    config = {"classes": model.classes, "width": model.features[0].out_channels}
+    if CONCEPT_WORLD is CONCEPT_WORLDS["v2"]:
+        config["kind"] = "parts"  # evaluation.load_identity_classifier gives a parts.PartsReader
+    (folder / "config.json").write_text(json.dumps(config))
 
 
 def prepare_parts(args) -> None:
-    """World v2: train the parts classifier (half its images through the shipped VAE) and measure it:
-    each head on fresh renders and their round trips, and as an identity classifier on every one of
-    the 239 concepts (4 held-out renders each, against each other and "none") and on near misses."""
+    """World v2: train the parts reader's CNN on role maps of renders (half of them through the
+    shipped VAE) and measure it: each part on fresh renders and their round trips, and as an
+    identity reader on every one of the 239 concepts (4 held-out renders each; per layout) and on
+    near misses (one part wrong: any other name counts as rejected)."""
     start = time.time()
     torch.manual_seed(0)
     vae = load_vae()
     model = parts.new_classifier(args.width)
     images, t = parts.labelled_renders(args.images, seed=0)
-    x = evaluation.to_batch(images)
-    half = torch.arange(len(x)) % 2 == 0
-    x[half] = classifier_script.through_vae(x[half], vae)
+    half = set(range(0, len(images), 2))
+    trips = iter(round_trip([im for i, im in enumerate(images) if i in half], vae))
+    x = parts.role_maps([next(trips) if i in half else im for i, im in enumerate(images)])
     rendered = time.time() - start
     fit_classifier(model, x, lambda logits, index: parts.loss(logits, {k: v[index] for k, v in t.items()}), args.steps, start)
 
@@ -189,26 +197,30 @@ def prepare_parts(args) -> None:
                 "all_parts": rate(lambda r, s: r["shape"] == s.shape and r["layout"] == s.layout
                                   and r["colours"] == frozenset(s.colours))}
 
-    def round_trip(images):
-        return VaeImageProcessor(do_resize=False).postprocess(
-            classifier_script.through_vae(evaluation.to_batch(images), vae), output_type="pil")
-
     rng = np.random.default_rng(1)
     fresh = [pw.random_rich_scene(rng, pw.V2_SILHOUETTES, pw.V2_LAYOUTS) for _ in range(600)]
     fresh_images = [s.render(rng) for s in fresh]
     every = [CONCEPT_WORLD["make"](i) for i in range(len(pw.concept_combinations()))]
-    reader = parts.ConceptReader(model, every)
+    reader = parts.PartsReader(model)
     heldout = [(c, s.image) for c in every for s in world.concept_splits(c, 0, 4)[1]]
-    misses = [im for c in every[:40] for im in pw.combination_near_misses(c, 3, np.random.default_rng(c.seed))]
-    identity = lambda images: float(np.mean([n == c.name for (c, _), n in zip(heldout, reader.predict(images))]))  # noqa: E731
+
+    def identity(images) -> dict:
+        right = [n == c.name for (c, _), n in zip(heldout, reader.predict(images))]
+        per_layout = {layout: float(np.mean([r for (c, _), r in zip(heldout, right) if c.layout == layout]))
+                      for layout in pw.V2_LAYOUTS[1:]}
+        return {"all": float(np.mean(right)), **per_layout}
+
+    misses = [(c, im) for c in every[:40] for im in pw.combination_near_misses(c, 3, np.random.default_rng(c.seed))]
     result = {
-        "units": len(parts.UNITS), "train_images": args.images, "train_steps": args.steps, "width": args.width,
+        "reader": "colours off the pixels, silhouette and layout by a CNN on role maps (share_lab.parts)",
+        "train_images": args.images, "train_steps": args.steps, "width": args.width,
         "fresh_renders": head_accuracy(fresh_images, fresh),
-        "fresh_renders_vae_round_trip": head_accuracy(round_trip(fresh_images), fresh),
+        "fresh_renders_vae_round_trip": head_accuracy(round_trip(fresh_images, vae), fresh),
         "concepts": len(every),
         "concept_heldout_identity": identity([im for _, im in heldout]),
-        "concept_heldout_vae_round_trip_identity": identity(round_trip([im for _, im in heldout])),
-        "near_misses_rejected": float(np.mean([n == "none" for n in parts.ConceptReader(model, every[:40]).predict(misses)])),
+        "concept_heldout_vae_round_trip_identity": identity(round_trip([im for _, im in heldout], vae)),
+        "near_misses_rejected": float(np.mean([n != c.name for (c, _), n in
+                                               zip(misses, reader.predict([im for _, im in misses]))])),
         "render_seconds": round(rendered), "seconds": round(time.time() - start),
     }
     record(["classifier" + CONCEPT_WORLD["key"]], result)

@@ -11,6 +11,8 @@ so that tests and benchmarks never retrain it. Each LoRA is saved with save_lora
 L_ref is measured on the reloaded file, so it is exactly what the shipped file gives.
 
     python train/train_reference_loras.py               # all shipped concepts
+    python train/train_reference_loras.py --base runs/pilots/V2b/base --concepts runs/concepts-v2 \
+        --classifier runs/pilots/reader-v2 --images 100    # world-v2 concepts on a world-v2 base
 """
 
 from __future__ import annotations
@@ -40,9 +42,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=REFERENCE["seed"])
     parser.add_argument("--only", nargs="*", help="concept names (default: all)")
     parser.add_argument("--skip-generation", action="store_true", help="store losses only (faster)")
+    parser.add_argument("--classifier", type=Path, default=share_lab.CLASSIFIER,
+                        help="identity classifier or parts reader folder (world v2: train/pilot_bases.py prepare)")
+    parser.add_argument("--images", type=int, default=20, help="generated images per concept, reference LoRA")
+    parser.add_argument("--base-images", type=int, default=20, help="generated images per concept, untrained base")
     args = parser.parse_args()
 
-    classifier = None if args.skip_generation else load_identity_classifier()
+    classifier = None if args.skip_generation else load_identity_classifier(args.classifier)
 
     def load_base():
         pipe = StableDiffusionPipeline.from_pretrained(args.base, local_files_only=True)
@@ -57,7 +63,7 @@ def main() -> None:
         heldout = ([s.image for s in concept.heldout], [s.caption for s in concept.heldout])
         evaluation = {"loss_seed": 0, "loss_timesteps": list(LOSS_TIMESTEPS), "base_loss": heldout_loss(pipe, *heldout)}
         if classifier:
-            evaluation["base_generation"] = generation_metrics(pipe, concept, classifier)
+            evaluation["base_generation"] = generation_metrics(pipe, concept, classifier, n=args.base_images)
         lora = train_lora_baseline(pipe, "reference", read_instance_images(concept.path / "train", None), args.steps,
                                    args.lr, REFERENCE["batch_size"], REFERENCE["rank"], args.seed)
         StableDiffusionPipeline.save_lora_weights(concept.reference_lora, unet_lora_layers={k: v.half() for k, v in lora.items()})
@@ -65,7 +71,7 @@ def main() -> None:
         pipe.load_lora_weights(concept.reference_lora)
         evaluation["reference_loss"] = heldout_loss(pipe, *heldout)
         if classifier:
-            evaluation["reference_generation"] = generation_metrics(pipe, concept, classifier)
+            evaluation["reference_generation"] = generation_metrics(pipe, concept, classifier, n=args.images)
         evaluation["reference_lora"] = {"rank": REFERENCE["rank"], "lora_alpha": REFERENCE["rank"], "steps": args.steps,
                                         "lr": args.lr, "batch_size": REFERENCE["batch_size"], "seed": args.seed,
                                         "target_modules": LORA_TARGETS}

@@ -22,18 +22,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 from safetensors.torch import load_file
-from torch import nn
 
 from share_diffusers.training import heldout_loss, heldout_losses
 
-from . import CLASSIFIER, world
+from . import CLASSIFIER, parts, world
+from .classifier import IdentityClassifier, to_batch
 
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 5.0
-_IMAGES = VaeImageProcessor(do_resize=False)
 
 
 # --------------------------------------------------------------------------- generation
@@ -49,11 +47,6 @@ def generate(pipe, prompts: list[str], seed: int = 0, steps: int = DEFAULT_STEPS
         images += pipe(batch, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators,
                        **pipe_kwargs).images
     return images
-
-
-def to_batch(images) -> torch.Tensor:
-    """PIL images -> float NCHW in [-1, 1] (the VAE's and the classifier's input range)."""
-    return _IMAGES.preprocess([im.convert("RGB") for im in images])
 
 
 # --------------------------------------------------------------------------- held-out denoising loss
@@ -73,38 +66,15 @@ def concept_score(pipe, concept: world.ConceptFolder, **loss_kwargs) -> float:
 
 # --------------------------------------------------------------------------- identity classifier
 
-class IdentityClassifier(nn.Module):
-    """Small CNN naming the object in a 64x64 render: a base shape or a shipped concept.
-
-    Global pooling makes it blind to where the object is, which the analytic checks measure.
-    """
-
-    def __init__(self, classes: list[str], width: int = 24):
-        super().__init__()
-        self.classes = list(classes)
-        channels = [3, width, 2 * width, 3 * width, 4 * width]
-        layers = []
-        for c_in, c_out in zip(channels, channels[1:]):
-            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)]
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(channels[-1], len(self.classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x).mean(dim=(2, 3)))
-
-    @torch.no_grad()
-    def predict(self, images) -> list[str]:
-        logits = self(to_batch([im.resize((world.RESOLUTION,) * 2) for im in images]))
-        return [self.classes[i] for i in logits.argmax(dim=1).tolist()]
-
-
-def load_identity_classifier(path=CLASSIFIER) -> IdentityClassifier:
-    """The shipped classifier (train/train_classifier.py), in eval mode."""
+def load_identity_classifier(path=CLASSIFIER):
+    """A saved identity classifier in eval mode: the shipped one (train/train_classifier.py), or a
+    world-v2 parts reader (`parts.PartsReader`); each has ``predict(images) -> names``."""
     path = Path(path)
     config = json.loads((path / "config.json").read_text())
     model = IdentityClassifier(config["classes"], config["width"])
     model.load_state_dict(load_file(path / "model.safetensors"))
-    return model.eval()
+    model.eval()
+    return parts.PartsReader(model) if config.get("kind") == "parts" else model
 
 
 # --------------------------------------------------------------------------- analytic checks

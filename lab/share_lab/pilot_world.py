@@ -111,6 +111,9 @@ def layout_index(layout: str, u: np.ndarray, v: np.ndarray, inner: np.ndarray, f
     raise ValueError(f"unknown layout {layout!r}")
 
 
+OUTLINE_BAND = 0.2  # an outline's width, a fraction of the radius
+
+
 def render_object(outline: np.ndarray, layout: str, colours, background, centre, diameter: float,
                   angle: float = 0.0, frequency: float = 3.0, pattern_angle: float = 0.0,
                   resolution: int = world.RESOLUTION) -> Image.Image:
@@ -126,7 +129,7 @@ def render_object(outline: np.ndarray, layout: str, colours, background, centre,
     inner = mask
     if layout == "outlined":  # a band of about 0.2 radius along the edge
         eroded = mask_image
-        for _ in range(max(1, round(0.2 * radius / 1))):
+        for _ in range(max(1, round(OUTLINE_BAND * radius))):
             eroded = eroded.filter(ImageFilter.MinFilter(3))
         inner = np.asarray(eroded) > 127
     ys, xs = np.mgrid[0:side, 0:side] + 0.5
@@ -341,7 +344,32 @@ def concept_combinations(world_seed: int = 0) -> list[tuple[str, str, tuple[str,
     return [combos[i] for i in np.random.default_rng(world_seed).permutation(len(combos))]
 
 
-def make_combination_concept(index: int, world_seed: int = 0) -> NovelConcept:
+@dataclass(frozen=True)
+class CombinationConcept(NovelConcept):
+    """A world-v2 concept: what a concept folder records (`world.write_concept`) besides the renders."""
+
+    index: int = 0
+    world_seed: int = 0
+    shape: str = ""
+
+    @property
+    def instance_prompt(self) -> str:
+        return f"a photo of {self.trigger}"
+
+    @property
+    def description(self) -> str:
+        first, second = self.name.split("-")[:2]
+        return f"{'an' if first[0] in 'aeiou' else 'a'} {first} and {second} {self.layout} {self.shape}"
+
+    def metadata(self) -> dict:
+        return {"name": self.name, "trigger": self.trigger, "instance_prompt": self.instance_prompt,
+                "seed": self.seed, "index": self.index, "world": "v2", "world_seed": self.world_seed,
+                "description": self.description,
+                "parts": {"shape": self.shape, "layout": self.layout, "colours": self.name.split("-")[:2]},
+                "backgrounds": list(self.backgrounds)}
+
+
+def make_combination_concept(index: int, world_seed: int = 0) -> CombinationConcept:
     """Concept `index` of world v2: a reserved combination, with its own pattern frequency and angle."""
     combos = concept_combinations(world_seed)
     if not 0 <= index < len(combos):
@@ -350,9 +378,10 @@ def make_combination_concept(index: int, world_seed: int = 0) -> NovelConcept:
     seed = world_seed * 1000 + index
     rng = np.random.default_rng(seed)
     backgrounds = tuple(name for name in world.COLOURS if name not in colours)
-    return NovelConcept(f"{colours[0]}-{colours[1]}-{layout}-{shape}", world.trigger_word(index), seed, SILHOUETTES[shape],
-                        layout, tuple(world.COLOURS[c] for c in colours), float(rng.uniform(*world.PATTERN_FREQUENCY)),
-                        float(rng.uniform(0, np.pi)), 0.0, backgrounds)
+    return CombinationConcept(f"{colours[0]}-{colours[1]}-{layout}-{shape}", world.trigger_word(index), seed,
+                              SILHOUETTES[shape], layout, tuple(world.COLOURS[c] for c in colours),
+                              float(rng.uniform(*world.PATTERN_FREQUENCY)), float(rng.uniform(0, np.pi)), 0.0,
+                              backgrounds, index, world_seed, shape)
 
 
 def combination_near_misses(concept: NovelConcept, n: int, rng: np.random.Generator) -> list[Image.Image]:

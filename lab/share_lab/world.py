@@ -453,7 +453,10 @@ class ConceptFolder:
         return self.path / "reference_lora"
 
     def generator(self) -> Concept:
-        """The procedural concept behind this folder, to render more of it."""
+        """The procedural concept behind this folder, to render more of it (world v1 concepts)."""
+        if self.metadata.get("world", "v1") != "v1":
+            raise ValueError(f"{self.path} is a world-{self.metadata['world']} concept: "
+                             "share_lab.pilot_world.make_combination_concept makes it")
         return make_concept(self.metadata["index"], self.metadata["world_seed"])
 
     def save_metadata(self) -> None:
