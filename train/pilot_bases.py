@@ -98,8 +98,11 @@ def concepts() -> list[pw.NovelConcept]:
     return [CONCEPT_WORLD["make"](i) for i in range(N_CONCEPTS)]
 
 
+VAE = SHIPPED_VAE  # --vae, set by main()
+
+
 def load_vae() -> AutoencoderKL:
-    return AutoencoderKL.from_pretrained(SHIPPED_VAE, local_files_only=True).eval()
+    return AutoencoderKL.from_pretrained(VAE, local_files_only=True).eval()
 
 
 def round_trip(images: list[Image.Image], vae) -> list[Image.Image]:
@@ -225,6 +228,42 @@ def prepare_parts(args) -> None:
     }
     record(["classifier" + CONCEPT_WORLD["key"]], result)
     record(["concepts" + CONCEPT_WORLD["key"]], [{"name": c.name, "trigger": c.trigger} for c in concepts()])
+    print(json.dumps(result, indent=2), flush=True)
+
+
+def colours_kept(images, concepts_of) -> dict:
+    """Per two-colour layout, the share of images whose two most-covered pure palette colours are
+    their concept's (`parts.colour_reading`): what survives of the colours after a VAE round trip."""
+    kept = {}
+    for image, concept in zip(images, concepts_of):
+        got = {parts.COLOURS[c] for c in parts.colour_reading(image)["colours"][:2]}
+        kept.setdefault(concept.layout, []).append(got == {parts.NAMED[tuple(c)] for c in concept.colours})
+    return {layout: float(np.mean(v)) for layout, v in sorted(kept.items())} | {
+        "all": float(np.mean([x for v in kept.values() for x in v]))}
+
+
+def decoder(args) -> None:
+    """World v2: fine-tune the VAE's decoder on world-v2 scenes (reserved objects excluded). The
+    encoder, hence every latent a base was trained on, stays as it is, so the new decoder serves
+    any base of this VAE as is (pretrain_tiny_base.train_autoencoder, decoder_only). Measured: the
+    concepts' colours after a round trip, per layout, before and after."""
+    start = time.time()
+    torch.manual_seed(args.seed)
+    vae = load_vae()
+    out = RUNS / args.name
+    out.mkdir(parents=True, exist_ok=True)
+    images = pretrain.to_uint8(pw.rich_scenes(args.images, args.seed + 7, pw.random_v2_scene)[0])
+    every = [pw.make_combination_concept(i) for i in range(len(pw.concept_combinations()))]
+    heldout = [(c, s.image) for c in every for s in world.concept_splits(c, 0, 2)[1]]
+    before = colours_kept(round_trip([im for _, im in heldout], vae), [c for c, _ in heldout])
+    pretrain.train_autoencoder(vae, images, args.steps, args.batch_size, args.lr, args.seed, out / "decoder.pt",
+                               decoder_only=True)
+    vae.save_pretrained(out / "vae")
+    after = colours_kept(round_trip([im for _, im in heldout], vae), [c for c, _ in heldout])
+    result = {"from": str(VAE), "images": args.images, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+              "concept_colours_kept_before": before, "concept_colours_kept_after": after,
+              "seconds": round(time.time() - start)}
+    record(["decoders-v2", args.name], result)
     print(json.dumps(result, indent=2), flush=True)
 
 
@@ -508,7 +547,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--concept-world", choices=list(CONCEPT_WORLDS), default="novel",
                         help="the concepts measured: novel (outside every world) or v2 (world v2's reserved combinations)")
+    parser.add_argument("--vae", type=Path, default=SHIPPED_VAE, help="the VAE of new pilots and of round trips")
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("decoder", help="world v2: fine-tune the VAE's decoder (latents unchanged)")
+    p.add_argument("--name", required=True)
+    p.add_argument("--images", type=int, default=12000)
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("prepare")
     p.add_argument("--images", type=int, default=6000)
     p.add_argument("--steps", type=int, default=1200)
@@ -541,13 +588,13 @@ def main() -> None:
     p.add_argument("--generated", type=int, default=GENERATED_PER_CONCEPT)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    global CONCEPT_WORLD
-    CONCEPT_WORLD = CONCEPT_WORLDS[args.concept_world]
+    global CONCEPT_WORLD, VAE
+    CONCEPT_WORLD, VAE = CONCEPT_WORLDS[args.concept_world], args.vae
     RUNS.mkdir(parents=True, exist_ok=True)
     if args.command == "prepare" and CONCEPT_WORLD is CONCEPT_WORLDS["v2"]:
         prepare_parts(args)
     else:
-        {"prepare": prepare, "pilot": pilot, "reach": reach}[args.command](args)
+        {"prepare": prepare, "pilot": pilot, "reach": reach, "decoder": decoder}[args.command](args)
 
 
 if __name__ == "__main__":
