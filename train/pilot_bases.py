@@ -180,13 +180,21 @@ def prepare_parts(args) -> None:
     start = time.time()
     torch.manual_seed(0)
     vae = load_vae()
-    model = parts.new_classifier(args.width)
-    images, t = parts.labelled_renders(args.images, seed=0)
-    half = set(range(0, len(images), 2))
-    trips = iter(round_trip([im for i, im in enumerate(images) if i in half], vae))
-    x = parts.role_maps([next(trips) if i in half else im for i, im in enumerate(images)])
-    rendered = time.time() - start
-    fit_classifier(model, x, lambda logits, index: parts.loss(logits, {k: v[index] for k, v in t.items()}), args.steps, start)
+    key = "classifier" + CONCEPT_WORLD["key"]
+    if args.measure_only:  # the saved reader, measured again (e.g. after a change in how colours are read)
+        model = evaluation.load_identity_classifier(RUNS / CONCEPT_WORLD["classifier"]).model
+        trained = {k: v for k, v in json.loads(RESULTS.read_text()).get(key, {}).items()
+                   if k in ("train_images", "train_steps", "width", "render_seconds")}
+    else:
+        model = parts.new_classifier(args.width)
+        images, t = parts.labelled_renders(args.images, seed=0)
+        half = set(range(0, len(images), 2))
+        trips = iter(round_trip([im for i, im in enumerate(images) if i in half], vae))
+        x = parts.role_maps([next(trips) if i in half else im for i, im in enumerate(images)])
+        trained = {"train_images": args.images, "train_steps": args.steps, "width": args.width,
+                   "render_seconds": round(time.time() - start)}
+        fit_classifier(model, x, lambda logits, index: parts.loss(logits, {k: v[index] for k, v in t.items()}),
+                       args.steps, start)
 
     def head_accuracy(images, scenes) -> dict:
         """Each part on renders of objects (all of them objects; a missed object counts as wrong)."""
@@ -215,8 +223,8 @@ def prepare_parts(args) -> None:
 
     misses = [(c, im) for c in every[:40] for im in pw.combination_near_misses(c, 3, np.random.default_rng(c.seed))]
     result = {
-        "reader": "colours off the pixels, silhouette and layout by a CNN on role maps (share_lab.parts)",
-        "train_images": args.images, "train_steps": args.steps, "width": args.width,
+        "reader": "colours off the pixels, silhouette and layout by a CNN on role maps (share_lab.parts)", **trained,
+        "vae": str(VAE.resolve().relative_to(ROOT)),  # of half the training images and of every round trip measured
         "fresh_renders": head_accuracy(fresh_images, fresh),
         "fresh_renders_vae_round_trip": head_accuracy(round_trip(fresh_images, vae), fresh),
         "concepts": len(every),
@@ -224,9 +232,9 @@ def prepare_parts(args) -> None:
         "concept_heldout_vae_round_trip_identity": identity(round_trip([im for _, im in heldout], vae)),
         "near_misses_rejected": float(np.mean([n != c.name for (c, _), n in
                                                zip(misses, reader.predict([im for _, im in misses]))])),
-        "render_seconds": round(rendered), "seconds": round(time.time() - start),
+        "seconds": round(time.time() - start),
     }
-    record(["classifier" + CONCEPT_WORLD["key"]], result)
+    record([key], result)
     record(["concepts" + CONCEPT_WORLD["key"]], [{"name": c.name, "trigger": c.trigger} for c in concepts()])
     print(json.dumps(result, indent=2), flush=True)
 
@@ -246,7 +254,8 @@ def decoder(args) -> None:
     """World v2: fine-tune the VAE's decoder on world-v2 scenes (reserved objects excluded). The
     encoder, hence every latent a base was trained on, stays as it is, so the new decoder serves
     any base of this VAE as is (pretrain_tiny_base.train_autoencoder, decoder_only). Measured: the
-    concepts' colours after a round trip, per layout, before and after."""
+    concepts' colours after a round trip, per layout, before and after; a grid of 10 concepts' renders,
+    their round trips through the VAE before and after (decoder-NAME-v2.png)."""
     start = time.time()
     torch.manual_seed(args.seed)
     vae = load_vae()
@@ -256,11 +265,14 @@ def decoder(args) -> None:
     every = [pw.make_combination_concept(i) for i in range(len(pw.concept_combinations()))]
     heldout = [(c, s.image) for c in every for s in world.concept_splits(c, 0, 2)[1]]
     before = colours_kept(round_trip([im for _, im in heldout], vae), [c for c, _ in heldout])
+    shown = [im for _, im in heldout[:20:2]]  # one held-out render of each of the first 10 concepts
+    rows = [shown, round_trip(shown, vae)]
     pretrain.train_autoencoder(vae, images, args.steps, args.batch_size, args.lr, args.seed, out / "decoder.pt",
                                decoder_only=True)
     vae.save_pretrained(out / "vae")
     after = colours_kept(round_trip([im for _, im in heldout], vae), [c for c, _ in heldout])
-    result = {"from": str(VAE), "images": args.images, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+    save_grid(rows + [round_trip(shown, vae)], RESULTS.parent / f"decoder-{args.name}-v2.png")
+    result = {"from": str(VAE.resolve().relative_to(ROOT)), "images": args.images, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
               "concept_colours_kept_before": before, "concept_colours_kept_after": after,
               "seconds": round(time.time() - start)}
     record(["decoders-v2", args.name], result)
@@ -560,6 +572,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=6000)
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--width", type=int, default=24, help="the classifier's first layer's channels (world v2's parts)")
+    p.add_argument("--measure-only", action="store_true", help="world v2: measure the saved parts reader again")
     p = sub.add_parser("pilot")
     p.add_argument("--name", required=True)
     p.add_argument("--base", type=Path, help="measure this pipeline instead of pretraining one")

@@ -12,7 +12,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results" / "pilot-bases.json"
-PRETRAINED = {"assets/tiny-base": "6000 × 32 + ", "runs/pilots/P2/base": "5000 × 16 + "}  # steps of an --init-from base
+PRETRAINED = {"assets/tiny-base": "6000 × 32 + ", "runs/pilots/P2/base": "5000 × 16 + ",
+              "runs/pilots/V2/base": "10000 × 32 + "}  # steps of an --init-from base
 WHAT = {
     "P0": "from scratch: today's world, today's UNet (cross-attn 8×8 only)",
     "P1": "from scratch: rich world, today's UNet",
@@ -22,6 +23,9 @@ WHAT = {
           "and 8×8: the shipped base with one change (2 threads)",
     "V2": "from scratch: world v2 (10 silhouettes × 5 layouts × 8 colours; 239 objects kept out for concepts), "
           "today's UNet, 60,000 images, 10,000 × 32, lr 7e-4 (2 threads)",
+    "V2b": "V2 continued: 5000 × 32 more at lr 3e-4 (a new cosine schedule), the same 60,000 images (2 threads)",
+    "V2b-reader": "V2b measured again with the parts reader (colours off the pixels)",
+    "V2bD": "V2b with the world-v2 decoder D1 (latents unchanged), the parts reader",
     "VP": "shipped base fine-tuned on today's world to predict v instead of the noise (--prediction-type v_prediction)",
     "shipped": "the shipped base as is (today's world and UNet, 6000 steps × batch 32)",
     "F0": "shipped base + fine-tuning on today's world (control: more steps, same world)",
@@ -67,9 +71,27 @@ def classifier_line(c: dict) -> str:
 def parts_line(c: dict) -> str:
     f, r = c.get("fresh_renders", {}), c.get("fresh_renders_vae_round_trip", {})
     heads = ", ".join(f"{k} {pct(f.get(k))}" for k in ("shape", "layout", "colours", "first_colour", "all_parts"))
-    return (f"on 600 fresh renders {heads} (through the VAE: all parts {pct(r.get('all_parts'))}); the {c.get('concepts')} "
-            f"concepts' held-out renders named right {pct(c.get('concept_heldout_identity'))} (VAE round trips "
-            f"{pct(c.get('concept_heldout_vae_round_trip_identity'))}); near misses rejected {pct(c.get('near_misses_rejected'))}.")
+
+    def identity(x) -> str:  # one rate, or (the parts reader) overall and per layout
+        if not isinstance(x, dict):
+            return pct(x)
+        return f"{pct(x['all'])} (" + ", ".join(f"{k} {pct(v)}" for k, v in x.items() if k != "all") + ")"
+    return (f"on 600 fresh renders (both sizes) {heads} (through the VAE: all parts {pct(r.get('all_parts'))}); the "
+            f"{c.get('concepts')} concepts' held-out renders named right {identity(c.get('concept_heldout_identity'))}, "
+            f"their VAE round trips {identity(c.get('concept_heldout_vae_round_trip_identity'))}; near misses "
+            f"rejected {pct(c.get('near_misses_rejected'))}.")
+
+
+def decoder_table(decoders: dict) -> list[str]:
+    """`train/pilot_bases.py decoder`: the concepts' colours after a round trip, before and after."""
+    lines = ["| decoder | fine-tuned on | concepts' colours kept, before → after (split, striped, outlined, dotted; all) | min (2 threads) |",
+             "|---|---|---|---|"]
+    for name, d in decoders.items():
+        b, a = d["concept_colours_kept_before"], d["concept_colours_kept_after"]
+        kept = ", ".join(f"{pct(b[k])} → {pct(a[k])}" for k in ("split", "striped", "outlined", "dotted", "all"))
+        lines.append(f"| {name} | {d['images']} world-v2 scenes, {d['steps']} × {d['batch_size']} at {d['lr']:g} | {kept} | "
+                     f"{d['seconds'] / 60:.0f} |")
+    return lines
 
 
 def pilot_table(pilots: dict, suffix: str) -> list[str]:
@@ -87,7 +109,9 @@ def pilot_table(pilots: dict, suffix: str) -> list[str]:
                 steps += f" (steps {pre['resumed_at_step']}–{pre['steps']}; resumed)"
         else:
             planned = f"(not finished: {cfg.get('steps')} × {cfg.get('batch_size')} planned)"
-            steps = "6000 × 32 / 38 (2 threads, README)" if cfg.get("base") else planned
+            shipped = str(cfg.get("base", "")).rstrip("/").endswith("assets/tiny-base")
+            steps = ("6000 × 32 / 38 (2 threads, README)" if shipped else
+                     f"measured only: `{cfg['base']}`" if cfg.get("base") else planned)
         q = p.get("base_quality", {})
         quality = " / ".join(pct(q.get(k)) for k in ("shape", "colour", "background", "position"))
         u, lora = p.get("untrained_identity", {}), p.get("lora_identity", {})
@@ -125,10 +149,18 @@ def main() -> None:
                   "colours) keeps one in seven two-colour objects (silhouette, layout, colour pair: 239) out of pretraining;",
                   f"its concepts are those objects (`make_combination_concept(i)`; measured: {concepts}).",
                   "",
-                  "Identity: `share_lab.parts`, a CNN naming silhouette, layout, colours and body colour, and whether there is",
-                  "a clear object (`python train/pilot_bases.py --concept-world v2 prepare --images 12000 --steps 5000 --width 32`);",
-                  "an image is concept c when every part is c's, so one network names all 239 and a near miss (one part",
-                  "wrong) is \"none\": " + parts_line(data.get("classifier-v2", {})), ""]
+                  "Identity: the parts reader `share_lab.parts` — colours read off the pixels (the most-covered pure palette",
+                  "colours; an outlined object's body is the colour lying deeper inside, a dotted one's the colour covering",
+                  "more), silhouette, layout and \"a clear object\" by a CNN on role maps (`python train/pilot_bases.py",
+                  "--concept-world v2 [--vae FOLDER] prepare --images 12000 --steps 5000 --width 32`, half its images through",
+                  "that VAE). An image shows concept c",
+                  "when every part is c's, so one reader names all 239 and a near miss (one part wrong) is something else. Rows",
+                  "V2 and V2b below were measured with the first version, one CNN for every part (on the concepts' renders",
+                  "0.72, round trips 0.56): " + parts_line(data.get("classifier-v2", {})), ""]
+        if "decoders-v2" in data:
+            lines += ["A decoder fine-tuned on world v2 (`python train/pilot_bases.py --concept-world v2 decoder --name D1",
+                      "--images 16000 --steps 2500`; the encoder, hence every latent, unchanged):", ""]
+            lines += decoder_table(data["decoders-v2"]) + [""]
         v2 = {name: {"pretraining": data.get("pilots", {}).get(name, {}).get("pretraining")} | p  # measured after pretraining
               for name, p in data.get("pilots-v2", {}).items()}
         lines += pilot_table(v2, "-v2")

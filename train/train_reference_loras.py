@@ -25,15 +25,15 @@ from pathlib import Path
 from diffusers import StableDiffusionPipeline
 
 import share_lab
-from share_diffusers.training import read_instance_images
+from share_diffusers.training import LOSS_TIMESTEPS, heldout_loss, read_instance_images
 from share_lab import world
 from share_lab.baselines import LORA_TARGETS, train_lora_baseline
-from share_lab.evaluation import LOSS_TIMESTEPS, generation_metrics, heldout_loss, load_identity_classifier
+from share_lab.evaluation import generation_metrics, load_identity_classifier
 
 REFERENCE = dict(steps=400, rank=4, lr=3e-3, batch_size=4, seed=0)  # learn_concept.py's steps and batch
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", type=Path, default=share_lab.TINY_BASE)
     parser.add_argument("--concepts", type=Path, default=share_lab.CONCEPTS)
@@ -46,7 +46,7 @@ def main() -> None:
                         help="identity classifier or parts reader folder (world v2: train/pilot_bases.py prepare)")
     parser.add_argument("--images", type=int, default=20, help="generated images per concept, reference LoRA")
     parser.add_argument("--base-images", type=int, default=20, help="generated images per concept, untrained base")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     classifier = None if args.skip_generation else load_identity_classifier(args.classifier)
 
