@@ -200,14 +200,17 @@ def test_continual_metrics_skip_rows_not_measured():
 def test_the_reference_lora_script_stores_losses_that_normalise_the_score(tmp_path):
     """train/train_reference_loras.py end to end on one concept (a few steps): it writes the LoRA and the
     losses the score is normalised by, and the stored LoRA scores 1 by construction."""
+    import json
     import runpy
     import shutil
 
     folder = shutil.copytree(share_lab.CONCEPTS / "checkered-blob-02", tmp_path / "checkered-blob-02",
                              ignore=shutil.ignore_patterns("reference_lora"))
     runpy.run_path(str(share_lab.ROOT / "train" / "train_reference_loras.py"))["main"](
-        ["--concepts", str(tmp_path), "--steps", "3", "--skip-generation"])
+        ["--concepts", str(tmp_path), "--steps", "3", "--skip-generation", "--summary", str(tmp_path / "summary.json")])
     concept = world.load_concept(folder)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["concepts"] == 1 and summary["per_concept"]["checkered-blob-02"]["reference_lora"]["steps"] == 3
     stored = concept.metadata["evaluation"]
     assert stored["reference_lora"]["steps"] == 3 and stored["base_loss"] != stored["reference_loss"]
     assert evaluation.concept_score(with_lora(concept), concept) == pytest.approx(1.0, abs=1e-4)

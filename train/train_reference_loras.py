@@ -12,13 +12,14 @@ L_ref is measured on the reloaded file, so it is exactly what the shipped file g
 
     python train/train_reference_loras.py               # all shipped concepts
     python train/train_reference_loras.py --base runs/pilots/V2b/base --concepts runs/concepts-v2 \
-        --classifier runs/pilots/reader-v2 --images 100    # world-v2 concepts on a world-v2 base
+        --classifier runs/pilots/reader-v2 --images 100 --summary docs/results/reference-loras-v2.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -46,7 +47,11 @@ def main(argv=None) -> None:
                         help="identity classifier or parts reader folder (world v2: train/pilot_bases.py prepare)")
     parser.add_argument("--images", type=int, default=20, help="generated images per concept, reference LoRA")
     parser.add_argument("--base-images", type=int, default=20, help="generated images per concept, untrained base")
+    parser.add_argument("--summary", type=Path, help="also write every concept's stored numbers and their means here (JSON)")
+    parser.add_argument("--summary-only", action="store_true", help="train nothing: only write --summary")
     args = parser.parse_args(argv)
+    if args.summary_only and not args.summary:
+        parser.error("--summary-only needs --summary PATH")
 
     classifier = None if args.skip_generation else load_identity_classifier(args.classifier)
 
@@ -56,7 +61,7 @@ def main(argv=None) -> None:
         return pipe
 
     for concept in world.list_concepts(args.concepts):
-        if args.only and concept.name not in args.only:
+        if args.summary_only or (args.only and concept.name not in args.only):
             continue
         start = time.time()
         pipe = load_base()
@@ -78,6 +83,26 @@ def main(argv=None) -> None:
         concept.metadata["evaluation"] = evaluation
         concept.save_metadata()
         print(f"{concept.name}: {json.dumps(evaluation)} ({time.time() - start:.0f} s)", flush=True)
+    if args.summary:
+        write_summary(args, world.list_concepts(args.concepts))
+
+
+def write_summary(args, concepts) -> None:
+    """Generated identity of the untrained base and of each reference LoRA (with its 95 % interval)."""
+    rows = {c.name: {k: c.metadata["evaluation"][k] for k in ("base_generation", "reference_generation", "reference_lora")
+                     if k in c.metadata.get("evaluation", {})} for c in concepts}
+    measured = [r for r in rows.values() if "reference_generation" in r]
+    identity = [r["reference_generation"]["identity"] for r in measured]
+    here = lambda path: os.path.relpath(path, share_lab.ROOT)  # noqa: E731  (no machine paths in results)
+    summary = {"base": here(args.base), "classifier": here(args.classifier), "concepts": len(rows),
+               "reference_identity_mean": float(sum(identity) / len(identity)) if identity else None,
+               "reference_identity_min": min(identity, default=None),
+               "base_identity_mean": (sum(r["base_generation"]["identity"] for r in measured) / len(measured)
+                                      if measured else None),
+               "per_concept": rows}
+    args.summary.parent.mkdir(parents=True, exist_ok=True)
+    args.summary.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"{args.summary}: reference identity mean {summary['reference_identity_mean']} over {len(measured)} concepts")
 
 
 if __name__ == "__main__":
