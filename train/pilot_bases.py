@@ -11,6 +11,9 @@ cross-attention at 8x8 only (today) vs at 16x16 and 8x8 (as Stable Diffusion), a
     python train/pilot_bases.py pilot --name P1 --world rich --cross-attn 8 --minutes 12
     # which adapter (attention LoRA, + convolutions, the whole UNet) can draw them on a base
     python train/pilot_bases.py reach --base assets/tiny-base --concepts 3
+    # world v2: a decoder for its two-colour detail, then the parts reader trained through it
+    python train/pilot_bases.py --concept-world v2 decoder --name D1 --images 16000 --steps 2500
+    python train/pilot_bases.py --concept-world v2 --vae runs/pilots/D1/vae prepare --images 12000 --steps 5000 --width 32
 
 Every pilot reuses the shipped VAE (assets/tiny-base/vae; `prepare` measures that it round-trips the
 novel concepts) and trains tokenizer, CLIP text encoder and UNet from scratch with
