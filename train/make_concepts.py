@@ -7,8 +7,9 @@ Evaluation numbers already in a concept.json (written by train_reference_loras.p
 
     python train/make_concepts.py                       # the 12 shipped concepts
     python train/make_concepts.py --count 40 --output runs/concepts --world-seed 3
-    # world v2: new combinations of parts the v2 base draws (here only layouts the VAE keeps)
-    python train/make_concepts.py --world v2 --layouts split striped --count 20 --output runs/concepts-v2
+    # world v2: new combinations of parts a world-v2 base draws (read by share_lab.parts)
+    python train/make_concepts.py --world v2 --count 20 --output runs/concepts-v2
+    python train/make_concepts.py --world v2 --layouts split striped --count 10 --output runs/concepts-v2-two
 """
 
 import argparse
