@@ -266,15 +266,16 @@ def decoder(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     images = pretrain.to_uint8(pw.rich_scenes(args.images, args.seed + 7, pw.random_v2_scene)[0])
     every = [pw.make_combination_concept(i) for i in range(len(pw.concept_combinations()))]
-    heldout = [(c, s.image) for c in every for s in world.concept_splits(c, 0, 2)[1]]
-    before = colours_kept(round_trip([im for _, im in heldout], vae), [c for c, _ in heldout])
-    shown = [im for _, im in heldout[:20:2]]  # one held-out render of each of the first 10 concepts
-    rows = [shown, round_trip(shown, vae)]
+    owners, renders = zip(*[(c, s.image) for c in every for s in world.concept_splits(c, 0, 2)[1]])
+    trips = round_trip(list(renders), vae)
+    before = colours_kept(trips, owners)
+    rows = [renders[:20:2], trips[:20:2]]  # one held-out render of each of the first 10 concepts, then its round trips
     pretrain.train_autoencoder(vae, images, args.steps, args.batch_size, args.lr, args.seed, out / "decoder.pt",
                                decoder_only=True)
     vae.save_pretrained(out / "vae")
-    after = colours_kept(round_trip([im for _, im in heldout], vae), [c for c, _ in heldout])
-    save_grid(rows + [round_trip(shown, vae)], RESULTS.parent / f"decoder-{args.name}-v2.png")
+    trips = round_trip(list(renders), vae)
+    after = colours_kept(trips, owners)
+    save_grid(rows + [trips[:20:2]], RESULTS.parent / f"decoder-{args.name}-v2.png")
     result = {"from": str(VAE.resolve().relative_to(ROOT)), "images": args.images, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
               "concept_colours_kept_before": before, "concept_colours_kept_after": after,
               "seconds": round(time.time() - start)}

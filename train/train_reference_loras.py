@@ -60,7 +60,8 @@ def main(argv=None) -> None:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    for concept in world.list_concepts(args.concepts):
+    concepts = world.list_concepts(args.concepts)
+    for concept in concepts:
         if args.summary_only or (args.only and concept.name not in args.only):
             continue
         start = time.time()
@@ -84,7 +85,7 @@ def main(argv=None) -> None:
         concept.save_metadata()
         print(f"{concept.name}: {json.dumps(evaluation)} ({time.time() - start:.0f} s)", flush=True)
     if args.summary:
-        write_summary(args, world.list_concepts(args.concepts))
+        write_summary(args, concepts)  # their metadata, updated in place by save_metadata
 
 
 def write_summary(args, concepts) -> None:
