@@ -17,6 +17,7 @@ from diffusers import (
 from diffusers.models.attention_processor import Attention
 
 import share_lab
+from share_lab import pilot_world as pw
 from share_lab import world
 
 
@@ -30,7 +31,7 @@ def pipe():
 def test_every_caption_word_and_trigger_is_one_token(pipe):
     tokenizer = pipe.tokenizer
     assert tokenizer.model_max_length == 77
-    for word in world.CAPTION_WORDS + list(world.TRIGGER_WORDS):
+    for word in pw.V2_CAPTION_WORDS + list(world.TRIGGER_WORDS):  # world v2's words include v1's
         assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
     caption = world.make_concept(0).caption("green", "top left")
     # a photo of <trigger> on a green background , top left: 11 tokens + start + end
@@ -83,3 +84,34 @@ def test_the_pretraining_script_builds_the_shipped_architecture(pipe):
     assert plain(build_unet().config) == plain(pipe.unet.config)
     cross = {".".join(name.split(".")[:2]) for name, m in build_unet("all").named_modules() if name.endswith("attn2")}
     assert cross == {"down_blocks.0", "down_blocks.1", "up_blocks.0", "up_blocks.1"}
+
+
+def test_the_pretraining_script_runs_every_stage_and_resumes(tmp_path):
+    """A few steps of each stage of the world-v2 recipe write a pipeline stock Diffusers loads, with
+    world v2's words as single tokens; run again, every stage resumes at its last step (nothing is
+    trained twice) and writes the same weights."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "pipeline"
+    command = [sys.executable, str(share_lab.ROOT / "train" / "pretrain_tiny_base.py"), "--threads", "1",
+               "--work-dir", str(tmp_path / "work"), "--output", str(out), "--vae-images", "48", "--vae-extra-images", "16",
+               "--vae-steps", "2", "--decoder-steps", "2", "--v2-decoder-images", "16", "--v2-decoder-steps", "2",
+               "--images", "48", "--denoiser-stages", "3:1e-3,2:1e-4", "--batch-size", "4", "--vae-batch-size", "4",
+               "--prediction-type", "v_prediction", "--snr-gamma", "0"]
+    first = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    assert "denoiser stage 2 done" in first and "resumed" not in first
+    pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert all(len(pipe.tokenizer(w, add_special_tokens=False).input_ids) == 1 for w in pw.V2_CAPTION_WORDS)
+    weights = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+
+    again = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    for stage in ("vae: resumed at step 2", "decoder: resumed at step 2", "decoder-v2: resumed at step 2",
+                  "denoiser: resumed at step 3", "denoiser: resumed at step 2"):
+        assert stage in again
+    assert "loss" not in again  # no training step ran
+    resumed = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(weights[k], resumed[k]) for k in weights)

@@ -211,5 +211,7 @@ def test_a_world_v2_concept_folder_records_its_parts(tmp_path):
     assert folder.metadata["world"] == "v2" and parts["layout"] == concept.layout
     assert "-".join(parts["colours"] + [parts["layout"], parts["shape"]]) == concept.name
     assert all(s.caption.startswith(f"a photo of {concept.trigger} on a ") for s in folder.train)
-    with pytest.raises(ValueError, match="world-v2 concept"):
+    assert folder.generator().metadata() == concept.metadata()  # the folder knows what made it
+    folder.metadata["world"] = "v9"
+    with pytest.raises(ValueError, match="unknown concept world 'v9'"):
         folder.generator()

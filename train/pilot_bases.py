@@ -40,10 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from diffusers.image_processor import VaeImageProcessor
-from diffusers.optimization import get_scheduler
 from PIL import Image, ImageFilter
-from safetensors.torch import save_file
 
 import share_lab
 from share_diffusers import ShareState
@@ -52,6 +49,7 @@ from share_diffusers.training import Example, attach_new_concept, train_in_proce
 from share_lab import ROOT, evaluation, parts, world
 from share_lab import pilot_world as pw
 from share_lab.baselines import train_lora_baseline
+from share_lab.classifier import round_trip, through_vae
 
 
 def _load(name: str):
@@ -108,12 +106,6 @@ def load_vae() -> AutoencoderKL:
     return AutoencoderKL.from_pretrained(VAE, local_files_only=True).eval()
 
 
-def round_trip(images: list[Image.Image], vae) -> list[Image.Image]:
-    """The images as the base's decoder draws them: decode(encode(x))."""
-    return VaeImageProcessor(do_resize=False).postprocess(
-        classifier_script.through_vae(evaluation.to_batch(images), vae), output_type="pil")
-
-
 # --------------------------------------------------------------------------- identity classifier
 
 def labelled_renders(n: int, seed: int, augment: bool):
@@ -151,28 +143,10 @@ def load_classifier():
     return evaluation.load_identity_classifier(RUNS / CONCEPT_WORLD["classifier"])
 
 
-def fit_classifier(model, x: torch.Tensor, loss_of, steps: int, start: float) -> None:
-    """Train on x (half already through the VAE): AdamW, cosine schedule, jittered batches of 64;
-    ``loss_of(logits, index)`` is the loss of the images ``x[index]``. Saved in this world's folder."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    schedule = get_scheduler("cosine", optimizer, num_warmup_steps=100, num_training_steps=steps)
-    generator = torch.Generator().manual_seed(0)
-    for step in range(1, steps + 1):
-        model.train()
-        index = torch.randint(len(x), (64,), generator=generator)
-        loss = loss_of(model(classifier_script.jitter(x[index], generator)), index)
-        loss.backward()
-        optimizer.step(), schedule.step(), optimizer.zero_grad()
-        if step % 250 == 0:
-            print(f"classifier step {step}/{steps} loss {loss.item():.4f} ({time.time() - start:.0f} s)", flush=True)
-    model.eval()
-    folder = RUNS / CONCEPT_WORLD["classifier"]
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(model.state_dict(), folder / "model.safetensors")
-    config = {"classes": model.classes, "width": model.features[0].out_channels}
-    if CONCEPT_WORLD is CONCEPT_WORLDS["v2"]:
-        config["kind"] = "parts"  # evaluation.load_identity_classifier gives a parts.PartsReader
-    (folder / "config.json").write_text(json.dumps(config))
+def save_classifier(model) -> None:
+    """Into this concept world's classifier folder (world v2's: a parts reader)."""
+    parts_reader = CONCEPT_WORLD is CONCEPT_WORLDS["v2"]
+    classifier_script.save(model, RUNS / CONCEPT_WORLD["classifier"], **({"kind": "parts"} if parts_reader else {}))
 
 
 def prepare_parts(args) -> None:
@@ -189,15 +163,9 @@ def prepare_parts(args) -> None:
         trained = {k: v for k, v in json.loads(RESULTS.read_text()).get(key, {}).items()
                    if k in ("train_images", "train_steps", "width", "render_seconds")}
     else:
-        model = parts.new_classifier(args.width)
-        images, t = parts.labelled_renders(args.images, seed=0)
-        half = set(range(0, len(images), 2))
-        trips = iter(round_trip([im for i, im in enumerate(images) if i in half], vae))
-        x = parts.role_maps([next(trips) if i in half else im for i, im in enumerate(images)])
-        trained = {"train_images": args.images, "train_steps": args.steps, "width": args.width,
-                   "render_seconds": round(time.time() - start)}
-        fit_classifier(model, x, lambda logits, index: parts.loss(logits, {k: v[index] for k, v in t.items()}),
-                       args.steps, start)
+        model = classifier_script.train_parts_reader(vae, args.images, args.steps, args.width)
+        save_classifier(model)
+        trained = {"train_images": args.images, "train_steps": args.steps, "width": args.width}
 
     def head_accuracy(images, scenes) -> dict:
         """Each part on renders of objects (all of them objects; a missed object counts as wrong)."""
@@ -293,9 +261,10 @@ def prepare(args) -> None:
     model = evaluation.IdentityClassifier([c.name for c in cs] + ["none"], width=24)
     x, y = labelled_renders(args.images, seed=0, augment=True)
     half = torch.arange(len(x)) % 2 == 0
-    x[half] = classifier_script.through_vae(x[half], vae)
+    x[half] = through_vae(x[half], vae)
     rendered = time.time() - start
-    fit_classifier(model, x, lambda logits, index: F.cross_entropy(logits, y[index]), args.steps, start)
+    classifier_script.fit(model, x, lambda logits, index: F.cross_entropy(logits, y[index]), args.steps)
+    save_classifier(model)
 
     # held out: fresh renders (another seed) and each concept's 20 held-out renders
     fx, fy = labelled_renders(1000, seed=1, augment=False)
@@ -303,14 +272,14 @@ def prepare(args) -> None:
     hy = torch.tensor([k for k in range(len(cs)) for _ in range(20)])
     acc = classifier_script.accuracy
     with torch.no_grad():
-        round_trip_error = (classifier_script.through_vae(hx, vae) - hx).abs().mean().item() / 2
+        round_trip_error = (through_vae(hx, vae) - hx).abs().mean().item() / 2
     result = {
         "classes": model.classes,
         "train_images": args.images, "train_steps": args.steps,
         "fresh_renders_accuracy": acc(model, fx, fy),
-        "fresh_renders_vae_round_trip_accuracy": acc(model, classifier_script.through_vae(fx, vae), fy),
+        "fresh_renders_vae_round_trip_accuracy": acc(model, through_vae(fx, vae), fy),
         "concept_heldout_accuracy": acc(model, hx, hy),
-        "concept_heldout_vae_round_trip_accuracy": acc(model, classifier_script.through_vae(hx, vae), hy),
+        "concept_heldout_vae_round_trip_accuracy": acc(model, through_vae(hx, vae), hy),
         "concept_heldout_vae_round_trip_mean_abs_error": round_trip_error,  # 0..1 per channel
         "render_seconds": round(rendered), "seconds": round(time.time() - start),
     }
@@ -350,18 +319,8 @@ def init_from(base: Path, cross_attn: str, width: int):
 
 def world_data(kind: str, n: int, seed: int, vae):
     """Scenes and their VAE latents (cached per world: the pilots of one world share them)."""
-    cache = RUNS / f"latents-{kind}-seed{seed}-{n}.pt"
-    if kind == "today":
-        rng = np.random.default_rng(seed)
-        scenes = [world.random_scene(rng) for _ in range(n)]  # pretrain.render_base draws scenes first, too
-        render = lambda: pretrain.render_base(n, seed)[0]  # noqa: E731
-    else:
-        sample = pw.random_rich_scene if kind == "rich" else pw.random_v2_scene
-        rng = np.random.default_rng(seed)
-        scenes = [sample(rng) for _ in range(n)]
-        render = lambda: pretrain.to_uint8(pw.rich_scenes(n, seed, sample)[0])  # noqa: E731
-    images = None if cache.exists() else render()
-    means, stds = pretrain.encode(vae, images, cache)
+    scenes, render = pretrain.pretraining_scenes("v1" if kind == "today" else kind, n, seed)
+    means, stds = pretrain.encode(vae, render, RUNS / f"latents-{kind}-seed{seed}-{n}.pt")
     return scenes, means, stds
 
 
@@ -406,11 +365,11 @@ def pretrain_pilot(args, out: Path, vae) -> tuple[StableDiffusionPipeline, dict]
     resumed_at = torch.load(out / "denoiser.pt")["step"] if (out / "denoiser.pt").exists() else 0
     pretrain.train_denoiser(unet, text_encoder, tokenizer, means, stds, vae.config.scaling_factor, scenes,
                             plan["steps"], args.batch_size, args.lr, args.seed, out / "denoiser.pt",
-                            prediction_type=args.prediction_type)
+                            prediction_type=args.prediction_type, snr_gamma=args.snr_gamma)
     denoiser_seconds = time.time() - stage
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=DPMSolverMultistepScheduler(**pretrain.NOISE_SCHEDULE,
-                                                                         prediction_type=args.prediction_type),
+                                                                         prediction_type=args.prediction_type, snr_gamma=args.snr_gamma),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out / "base")
     info = {"steps": plan["steps"], "resumed_at_step": resumed_at, "data_seconds": round(data_seconds),
@@ -451,7 +410,7 @@ def pilot(args) -> None:
     key = ["pilots" + CONCEPT_WORLD["key"], args.name]
     config = ({"base": str(args.base)} if args.base else
               {k: getattr(args, k) for k in ("world", "cross_attn", "width", "minutes", "steps", "images", "batch_size", "lr", "seed",
-                                  "prediction_type")}
+                                  "prediction_type", "snr_gamma")}
               | ({"init_from": str(args.init_from)} if args.init_from else {}))
     record(key + ["config"], config)
     record(key + ["command"], "python train/pilot_bases.py " + " ".join(sys.argv[1:]))
@@ -592,6 +551,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon",
                    help="what the denoiser predicts (v: the layout comes from the prompt, not the starting noise)")
+    p.add_argument("--snr-gamma", type=float, default=5.0, help="min-SNR weighting; 0: none (pretrain_tiny_base.train_denoiser)")
     p.add_argument("--lr", type=float, default=1e-3, help="7e-4 in the shipped 6000-step recipe; short pilots")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quality-images", type=int, default=60)

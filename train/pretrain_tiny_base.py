@@ -1,25 +1,35 @@
-"""Pretrain the tiny text-to-image base model that ships in assets/tiny-base.
+"""Pretrain the tiny text-to-image base model that ships in assets/tiny-base (tiny base v4).
 
 Why: everything in this project (training script, web UI, benchmarks, tests) must run offline on
-a laptop CPU, so the project trains its own Stable-Diffusion-shaped model on the procedural world
-of share_diffusers.world ("a small red circle on a blue background, top left") and saves it with
-StableDiffusionPipeline.save_pretrained. Stock Diffusers loads it; any Diffusers scheduler drives it.
+a laptop CPU, so the project trains its own Stable-Diffusion-shaped model on a procedural world and
+saves it with StableDiffusionPipeline.save_pretrained. Stock Diffusers loads it; any Diffusers
+scheduler drives it. World v2 (share_lab.pilot_world, the default) has ten silhouettes, solid or in
+two or three colours laid out split, outlined, striped or dotted ("a small red and yellow outlined
+star on a blue background, top left"); one in seven two-colour objects is kept out of pretraining,
+and those are the concepts (train/make_concepts.py). World v1 (tiny base v3's) has five plain shapes.
 
 Stages, each checkpointed under --work-dir so that a crash loses at most a few minutes:
   1. tokenizer: a real CLIPTokenizer from a hand-written vocab.json + merges.txt (byte-level
      alphabet + BPE merges learned here) in which every caption word and each of the 64 reserved
      trigger words (world.TRIGGER_WORDS, never shown in pretraining) is exactly one token;
-  2. VAE (AutoencoderKL, 64x64x3 <-> 16x16x4) on base scenes plus patterned objects from another
-     world seed, so that it can encode concepts the denoiser has never seen;
-  3. UNet + CLIP text encoder, jointly from scratch on VAE latents (epsilon prediction, min-SNR
-     weighting, 10% empty captions for classifier-free guidance, EMA weights are saved).
+  2. VAE (AutoencoderKL, 64x64x3 <-> 16x16x4): (a) on plain scenes plus patterned objects of another
+     world seed, (b) its decoder alone on half patterned objects, (c, world v2) its decoder alone on
+     world-v2 scenes, so that two-colour detail survives a round trip (a yellow outline around red
+     came back orange in a third of the concepts' images before). The encoder, hence every latent,
+     is fixed after (a); --vae-from starts from an existing VAE instead of (a)-(b);
+  3. UNet + CLIP text encoder, jointly from scratch on VAE latents (min-SNR weighting, 10% empty
+     captions for classifier-free guidance, EMA weights), in --denoiser-stages, each a cosine
+     schedule that starts from the previous stage's EMA weights.
 
-Measured for the shipped model on the project's 2-core CPU (no GPU was available to measure),
-default arguments: rendering 2 min, VAE + decoder about 35 min (1 thread, resumed across
-interruptions, so only roughly timed), encoding 4 min, denoiser 38 min with `--threads 2`
-(6000 steps, 0.38 s/step). Its measured quality is in the README ("The tiny base").
-Re-running with the same --seed reproduces a model of the same quality (bitwise identity is not
-promised: multi-threaded CPU reductions are not ordered).
+Measured on the project's 2-core CPU (no GPU was available), 2 threads: stages 2a-2b about 35 min,
+2c 16 min, rendering and encoding the 60,000 world-v2 scenes 5 min, denoiser stage 1 82 min (10,000
+steps, beside a 1-thread job), stage 2 34 min (5000), stage 3 TODO min (5000): about 3 h in all,
+resumable at any point. The shipped v4 was trained stage by stage over several sessions as pilots
+of train/pilot_bases.py (V2, V2b, V2c and decoder D1; docs/results/pilot-bases.md), which call these
+functions with the same data, seeds and settings; this script then resumed from their checkpoints
+(`--vae-from` tiny base v3's VAE, made by stages 2a-2b) and wrote assets/tiny-base. Its measured
+quality is in the README ("The tiny base"). Re-running with the same --seed reproduces a model of
+the same quality (bitwise identity is not promised: multi-threaded CPU reductions are not ordered).
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import argparse
 import collections
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +50,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from share_lab import pilot_world as pw
 from share_lab import world
 
 # DDPM's linear schedule, not Stable Diffusion's scaled_linear: on 16x16 latents SD's schedule keeps
@@ -123,10 +135,23 @@ def to_float(batch: torch.Tensor) -> torch.Tensor:
     return batch.float() / 127.5 - 1
 
 
-def render_base(n: int, seed: int, patterned: bool = False) -> tuple[torch.Tensor, list[world.Scene]]:
+# v1: one plain shape; v2: objects of one to three colours in eight layouts, the concepts' reserved
+# combinations excluded; rich: the pilots' 16 silhouettes and nine layouts (docs/results/pilot-bases.md)
+SCENES = {"v1": world.random_scene, "v2": pw.random_v2_scene, "rich": pw.random_rich_scene}
+
+
+def pretraining_scenes(world_name: str, n: int, seed: int) -> tuple[list, Callable[[], torch.Tensor]]:
+    """n scenes of a world and a function that renders them (called only when their latents are not
+    cached yet: rendering 60,000 takes minutes)."""
+    sample = SCENES[world_name]
     rng = np.random.default_rng(seed)
-    scenes = [world.random_scene(rng, patterned=patterned) for _ in range(n)]
-    return to_uint8([s.render(rng) for s in scenes]), scenes
+    scenes = [sample(rng) for _ in range(n)]
+    return scenes, lambda: to_uint8([s.render(rng) for s in scenes])
+
+
+def render_base(n: int, seed: int) -> tuple[torch.Tensor, list[world.Scene]]:
+    scenes, render = pretraining_scenes("v1", n, seed)
+    return render(), scenes
 
 
 def render_vae_extras(n: int, seed: int) -> torch.Tensor:
@@ -190,8 +215,9 @@ def train_autoencoder(vae, images, steps, batch_size, lr, seed, checkpoint: Path
 
 
 @torch.no_grad()
-def encode(vae, images, cache: Path, batch_size=500) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std of every image (latents are sampled from them during training).
+def encode(vae, render: Callable[[], torch.Tensor], cache: Path, batch_size=500) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every image that ``render()`` gives (latents are sampled from them
+    during training).
 
     Cached beside the autoencoder checkpoints (the encoder is final once its stage has finished),
     under a name that holds the seed and count of the rendered images.
@@ -199,6 +225,7 @@ def encode(vae, images, cache: Path, batch_size=500) -> tuple[torch.Tensor, torc
     if cache.exists():
         state = torch.load(cache)
         return state["mean"], state["std"]
+    images = render()
     parts = [vae.encode(to_float(images[i:i + batch_size])).latent_dist for i in range(0, len(images), batch_size)]
     mean, std = torch.cat([p.mean for p in parts]), torch.cat([p.std for p in parts])
     save_atomic({"mean": mean, "std": std}, cache)
@@ -206,11 +233,14 @@ def encode(vae, images, cache: Path, batch_size=500) -> tuple[torch.Tensor, torc
 
 
 def train_denoiser(unet, text_encoder, tokenizer, means, stds, scaling_factor, scenes, steps, batch_size, lr,
-                   seed, checkpoint: Path, log_every=100, prediction_type="epsilon") -> None:
+                   seed, checkpoint: Path, log_every=100, prediction_type="epsilon", snr_gamma=5.0) -> None:
     """Joint UNet + text-encoder training; EMA weights are copied into the models at the end.
 
     ``prediction_type`` "v_prediction" makes the model predict v = √ᾱ ε − √(1−ᾱ) x0: near t = T that is
     minus the image itself, so where the object goes must come from the prompt, not from the noise.
+    ``snr_gamma`` is min-SNR weighting (Hang et al. 2023); 0 = none. For v, min-SNR's weight
+    min(SNR, γ) / (SNR + 1) vanishes near t = T (SNR 4e-5 there): exactly the steps that place the
+    object, so a v model that must follow position words is trained with 0 (every step weighs 1).
     """
     noise_scheduler = DDPMScheduler(**NOISE_SCHEDULE, prediction_type=prediction_type)
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -239,10 +269,12 @@ def train_denoiser(unet, text_encoder, tokenizer, means, stds, scaling_factor, s
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
         prediction = unet(noise_scheduler.add_noise(latents, noise, timesteps), timesteps, text_encoder(ids)[0]).sample
         snr = compute_snr(noise_scheduler, timesteps)
-        if prediction_type == "v_prediction":  # min-SNR-5 weighting (Hang et al. 2023) for each target
-            target, weights = noise_scheduler.get_velocity(latents, noise, timesteps), torch.clamp(snr, max=5.0) / (snr + 1)
+        if prediction_type == "v_prediction":
+            target, weights = noise_scheduler.get_velocity(latents, noise, timesteps), torch.clamp(snr, max=snr_gamma) / (snr + 1)
         else:
-            target, weights = noise, torch.clamp(snr, max=5.0) / snr
+            target, weights = noise, torch.clamp(snr, max=snr_gamma) / snr
+        if not snr_gamma:
+            weights = torch.ones_like(snr)
         loss = (F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -260,24 +292,42 @@ def train_denoiser(unet, text_encoder, tokenizer, means, stds, scaling_factor, s
     unet.eval(), text_encoder.eval()
 
 
+def parse_stages(text: str) -> list[tuple[int, float]]:
+    """"10000:7e-4,5000:3e-4" -> [(10000, 7e-4), (5000, 3e-4)]: denoiser steps and peak learning rate."""
+    try:
+        stages = [(int(steps), float(lr)) for steps, lr in (stage.split(":") for stage in text.split(","))]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected STEPS:LR[,STEPS:LR...], got {text!r}") from None
+    if not stages or any(steps <= 0 or lr <= 0 for steps, lr in stages):
+        raise argparse.ArgumentTypeError(f"steps and learning rates must be positive, got {text!r}")
+    return stages
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", type=Path, default=Path("assets/tiny-base"))
     parser.add_argument("--work-dir", type=Path, default=Path("runs/tiny-base"), help="checkpoints; resumed if present")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--images", type=int, default=30000, help="rendered plain base scenes")
-    parser.add_argument("--patterned-images", type=int, default=0,
-                        help="also pretrain the denoiser on this many patterned scenes ('a red and white striped "
-                             "circle ...'); an experiment, the shipped base has none (README: identity accuracy)")
-    parser.add_argument("--vae-extra-images", type=int, default=6000, help="patterned objects for the VAE only")
+    parser.add_argument("--world", choices=("v1", "v2"), default="v2",
+                        help="what the denoiser learns to draw: v1 plain shapes (tiny base v3), v2 objects of one to "
+                             "three colours in eight layouts (v4, the shipped base)")
+    parser.add_argument("--images", type=int, default=60000, help="rendered scenes of --world for the denoiser")
+    parser.add_argument("--vae-from", type=Path, help="an AutoencoderKL folder to start from instead of training "
+                                                      "stages 2a-2b (its encoder is kept as it is)")
+    parser.add_argument("--vae-images", type=int, default=30000, help="plain base scenes for stages 2a-2b")
+    parser.add_argument("--vae-extra-images", type=int, default=6000, help="patterned objects for stages 2a-2b")
     parser.add_argument("--vae-steps", type=int, default=2000)
-    parser.add_argument("--decoder-steps", type=int, default=1500, help="decoder-only fine-tuning")
+    parser.add_argument("--decoder-steps", type=int, default=1500, help="stage 2b: decoder-only fine-tuning")
+    parser.add_argument("--v2-decoder-images", type=int, default=16000, help="stage 2c (world v2): its scenes")
+    parser.add_argument("--v2-decoder-steps", type=int, default=2500, help="stage 2c: decoder-only on world v2")
     parser.add_argument("--vae-batch-size", type=int, default=16)
-    parser.add_argument("--denoiser-steps", type=int, default=6000)
+    parser.add_argument("--denoiser-stages", type=parse_stages, default=parse_stages("10000:7e-4,5000:3e-4,5000:2e-4"),
+                        help="STEPS:LR,...: each stage a cosine schedule from the previous stage's EMA weights "
+                             "(tiny base v3: 6000:7e-4)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=7e-4)
     parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon",
                         help="the denoiser's target (the shipped base: epsilon; train_denoiser says why v)")
+    parser.add_argument("--snr-gamma", type=float, default=5.0, help="min-SNR weighting; 0: none (train_denoiser says when)")
     parser.add_argument("--cross-attn", choices=("8", "all"), default="8",
                         help="8: attention at 8x8 only (the shipped base); all: at 16x16 too "
                              "(pilot P3: no gain in adapter identity, docs/results/pilot-bases.md)")
@@ -289,30 +339,35 @@ def main() -> None:
     start = time.time()
     torch.manual_seed(args.seed)
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(args.work_dir / "tokenizer",
-                                world.CAPTION_WORDS + (world.PATTERN_WORDS if args.patterned_images else []))
+    tokenizer = build_tokenizer(args.work_dir / "tokenizer", world.CAPTION_WORDS if args.world == "v1" else pw.V2_CAPTION_WORDS)
     text_encoder, vae, unet = build_models(tokenizer, args.cross_attn)
 
-    images, scenes = render_base(args.images, args.seed)
-    extras = render_vae_extras(args.vae_extra_images, args.seed + 1)
-    patterned, patterned_scenes = (render_base(args.patterned_images, args.seed + 2, patterned=True)
-                                   if args.patterned_images else (images[:0], []))
-    print(f"rendered {len(images) + len(extras) + len(patterned)} images ({time.time() - start:.0f} s)", flush=True)
     stage = time.time()
-    train_autoencoder(vae, torch.cat([images, extras]), args.vae_steps, args.vae_batch_size, 1e-3, args.seed,
-                      args.work_dir / "vae.pt")
-    train_autoencoder(vae, torch.cat([images[:len(extras)], extras]), args.decoder_steps, args.vae_batch_size, 5e-4,
-                      args.seed, args.work_dir / "decoder.pt", decoder_only=True)  # half patterned objects
-    means, stds = encode(vae, images, args.work_dir / f"latents-seed{args.seed}-{args.images}.pt")
-    vae.register_to_config(scaling_factor=1.0 / means.std().item())  # from the plain scenes
-    if args.patterned_images:
-        extra_means, extra_stds = encode(vae, patterned, args.work_dir / f"latents-patterned-seed{args.seed + 2}-{args.patterned_images}.pt")
-        means, stds, scenes = torch.cat([means, extra_means]), torch.cat([stds, extra_stds]), scenes + patterned_scenes
+    if args.vae_from:
+        vae = AutoencoderKL.from_pretrained(args.vae_from, local_files_only=True)
+    else:
+        plain, _ = render_base(args.vae_images, args.seed)
+        extras = render_vae_extras(args.vae_extra_images, args.seed + 1)
+        train_autoencoder(vae, torch.cat([plain, extras]), args.vae_steps, args.vae_batch_size, 1e-3, args.seed,
+                          args.work_dir / "vae.pt")
+        train_autoencoder(vae, torch.cat([plain[:len(extras)], extras]), args.decoder_steps, args.vae_batch_size, 5e-4,
+                          args.seed, args.work_dir / "decoder.pt", decoder_only=True)  # half patterned objects
+        plain_means, _ = encode(vae, lambda: plain, args.work_dir / f"latents-seed{args.seed}-{args.vae_images}.pt")
+        vae.register_to_config(scaling_factor=1.0 / plain_means.std().item())  # from the plain scenes
+    if args.world == "v2":  # two-colour detail: a yellow outline around red must not come back orange
+        _, render = pretraining_scenes("v2", args.v2_decoder_images, args.seed + 7)
+        train_autoencoder(vae, render(), args.v2_decoder_steps, args.vae_batch_size, 5e-4, args.seed,
+                          args.work_dir / "decoder-v2.pt", decoder_only=True)
     print(f"autoencoder done, scaling_factor {vae.config.scaling_factor:.4f} ({(time.time() - stage) / 60:.1f} min)", flush=True)
-    stage = time.time()
-    train_denoiser(unet, text_encoder, tokenizer, means, stds, vae.config.scaling_factor, scenes, args.denoiser_steps, args.batch_size,
-                   args.lr, args.seed, args.work_dir / "denoiser.pt", prediction_type=args.prediction_type)
-    print(f"denoiser done ({(time.time() - stage) / 60:.1f} min)", flush=True)
+
+    scenes, render = pretraining_scenes(args.world, args.images, args.seed)
+    means, stds = encode(vae, render, args.work_dir / f"latents-{args.world}-seed{args.seed}-{args.images}.pt")
+    for i, (steps, lr) in enumerate(args.denoiser_stages, 1):  # each from the previous stage's EMA weights
+        stage = time.time()
+        train_denoiser(unet, text_encoder, tokenizer, means, stds, vae.config.scaling_factor, scenes, steps, args.batch_size,
+                       lr, args.seed, args.work_dir / f"denoiser-stage{i}.pt", prediction_type=args.prediction_type,
+                       snr_gamma=args.snr_gamma)
+        print(f"denoiser stage {i} done ({(time.time() - stage) / 60:.1f} min)", flush=True)
 
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,

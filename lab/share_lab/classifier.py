@@ -1,5 +1,5 @@
-"""The small CNN that names what a 64x64 image shows, and the image -> tensor conversion it shares
-with the VAE (Diffusers' `VaeImageProcessor`)."""
+"""The small CNN that names what a 64x64 image shows, the image -> tensor conversion it shares
+with the VAE (Diffusers' `VaeImageProcessor`), and images as a base's VAE gives them back."""
 
 from __future__ import annotations
 
@@ -15,6 +15,18 @@ _IMAGES = VaeImageProcessor(do_resize=False)
 def to_batch(images) -> torch.Tensor:
     """PIL images -> float NCHW in [-1, 1] (the VAE's and the classifier's input range)."""
     return _IMAGES.preprocess([im.convert("RGB") for im in images])
+
+
+@torch.no_grad()
+def through_vae(x: torch.Tensor, vae, batch_size: int = 500) -> torch.Tensor:
+    """Images as the base model's decoder draws them: decode(encode(x)), posterior mean."""
+    return torch.cat([vae.decode(vae.encode(x[i:i + batch_size]).latent_dist.mean).sample.clamp(-1, 1)
+                      for i in range(0, len(x), batch_size)])
+
+
+def round_trip(images, vae) -> list:
+    """The same for PIL images (the parts reader reads pixels, not tensors)."""
+    return _IMAGES.postprocess(through_vae(to_batch(images), vae), output_type="pil")
 
 
 class IdentityClassifier(nn.Module):

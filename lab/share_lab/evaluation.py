@@ -178,7 +178,8 @@ def base_quality(pipe, n: int = 200, seed: int = 0, classifier: IdentityClassifi
     classifier = classifier or load_identity_classifier()
     scenes = world.heldout_scenes(n, seed)
     images = generate(pipe, [s.caption() for s in scenes], seed, **generate_kwargs)
-    shape = np.array([label == s.shape for label, s in zip(classifier.predict(images), scenes)])
+    read = classifier.shapes if isinstance(classifier, parts.PartsReader) else classifier.predict  # v3's: shape = class
+    shape = np.array([label == s.shape for label, s in zip(read(images), scenes)])
     colour = np.array([object_colour(im) == s.colour for im, s in zip(images, scenes)])
     background = np.array([background_colour(im) == s.background for im, s in zip(images, scenes)])
     position = np.array([object_position(im) == s.position for im, s in zip(images, scenes)])

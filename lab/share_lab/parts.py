@@ -179,3 +179,7 @@ class PartsReader:
 
     def predict(self, images) -> list[str]:
         return [name(p) for p in read(self.model, images)]
+
+    def shapes(self, images) -> list[str]:
+        """The silhouette of each image's object ("none" where there is no clear object)."""
+        return [p["shape"] if p else "none" for p in read(self.model, images)]

@@ -453,10 +453,13 @@ class ConceptFolder:
         return self.path / "reference_lora"
 
     def generator(self) -> Concept:
-        """The procedural concept behind this folder, to render more of it (world v1 concepts)."""
-        if self.metadata.get("world", "v1") != "v1":
-            raise ValueError(f"{self.path} is a world-{self.metadata['world']} concept: "
-                             "share_lab.pilot_world.make_combination_concept makes it")
+        """The procedural concept behind this folder, to render more of it (world v1 or v2)."""
+        kind = self.metadata.get("world", "v1")
+        if kind == "v2":
+            from .pilot_world import make_combination_concept  # world v2 is built on this module
+            return make_combination_concept(self.metadata["index"], self.metadata["world_seed"])
+        if kind != "v1":
+            raise ValueError(f"{self.path}: unknown concept world {kind!r} (expected v1 or v2)")
         return make_concept(self.metadata["index"], self.metadata["world_seed"])
 
     def save_metadata(self) -> None:
