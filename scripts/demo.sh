@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 out=outputs/demo
 rm -rf "$out"
-for concept in striped-blob-00 dotted-star-05 checkered-blob-02; do
+for concept in green-orange-outlined-diamond orange-yellow-split-crescent blue-purple-striped-cross; do
   echo "== learning $concept"
   .venv/bin/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
     train/learn_concept.py --instance_data_dir "assets/concepts/$concept/train" \

@@ -71,7 +71,7 @@ from share_diffusers.training import (
 ROOT = Path(__file__).resolve().parent.parent
 
 logger = get_logger(__name__)
-DEMO_CONCEPT = ROOT / "assets" / "concepts" / "striped-blob-00"
+DEMO_CONCEPT = ROOT / "assets" / "concepts" / "green-orange-outlined-diamond"
 WRITE_WAIT = 3600.0  # seconds to wait for another writer of the Share file (e.g. another concept's merge)
 CHECKPOINT_WEIGHTS = "share_new_concept.safetensors"
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Make ``assets/demo.share.safetensors``, the Share file the web UI starts with.
 
-Learns ``--concepts`` (four differently patterned concepts of the procedural world) one after another with
+Learns ``--concepts`` (four concepts of world v2, one per layout: outlined, split, striped, dotted) one after another with
 ``train/learn_concept.py`` (default settings) into a work folder, then copies the final file into
 ``assets/``. Deterministic given the same base model, seed and software versions.
 
@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", default=str(share_lab.TINY_BASE))
-    p.add_argument("--concepts", nargs="+", default=["striped-blob-00", "dotted-star-05", "checkered-blob-02", "ringed-star-07"])
+    p.add_argument("--concepts", nargs="+", default=["green-orange-outlined-diamond", "orange-yellow-split-crescent",
+                                                    "blue-purple-striped-cross", "white-blue-dotted-square"])
     p.add_argument("--work_dir", default=str(ROOT / "outputs" / "demo-share"))
     p.add_argument("--out", default=str(share_lab.ASSETS / "demo.share.safetensors"))
     args, learn_args = p.parse_known_args(argv)

@@ -369,7 +369,7 @@ def pretrain_pilot(args, out: Path, vae) -> tuple[StableDiffusionPipeline, dict]
     denoiser_seconds = time.time() - stage
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=DPMSolverMultistepScheduler(**pretrain.NOISE_SCHEDULE,
-                                                                         prediction_type=args.prediction_type, snr_gamma=args.snr_gamma),
+                                                                         prediction_type=args.prediction_type),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out / "base")
     info = {"steps": plan["steps"], "resumed_at_step": resumed_at, "data_seconds": round(data_seconds),

@@ -28,6 +28,7 @@ WHAT = {
     "V2bD": "V2b with the world-v2 decoder D1 (latents unchanged), the parts reader",
     "V2c": "V2b continued: 5000 × 32 more at lr 2e-4, with D1's decoder (2 threads)",
     "VP": "shipped base fine-tuned on today's world to predict v instead of the noise (--prediction-type v_prediction)",
+    "VQ": "V2c fine-tuned to predict v with every timestep weighing 1 (--snr-gamma 0: min-SNR gave t ≈ T no weight), 2500 × 32 at lr 2e-4",
     "shipped": "the shipped base as is (today's world and UNet, 6000 steps × batch 32)",
     "F0": "shipped base + fine-tuning on today's world (control: more steps, same world)",
     "F1": "shipped base + fine-tuning on the rich world, today's UNet",

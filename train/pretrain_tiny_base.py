@@ -22,8 +22,8 @@ Stages, each checkpointed under --work-dir so that a crash loses at most a few m
      schedule that starts from the previous stage's EMA weights.
 
 Measured on the project's 2-core CPU (no GPU was available), 2 threads: stages 2a-2b about 35 min,
-2c 16 min, rendering and encoding the 60,000 world-v2 scenes 5 min, denoiser stage 1 82 min (10,000
-steps, beside a 1-thread job), stage 2 34 min (5000), stage 3 TODO min (5000): about 3 h in all,
+2c 16 min, rendering and encoding the 60,000 world-v2 scenes 10 min, denoiser stage 1 82 min (10,000
+steps, beside a 1-thread job), stage 2 34 min (5000), stage 3 32 min (5000): about 3.5 h in all,
 resumable at any point. The shipped v4 was trained stage by stage over several sessions as pilots
 of train/pilot_bases.py (V2, V2b, V2c and decoder D1; docs/results/pilot-bases.md), which call these
 functions with the same data, seeds and settings; this script then resumed from their checkpoints
