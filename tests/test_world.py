@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import share_lab
+from share_lab import pilot_world as pw
 from share_lab import world
 
 
@@ -58,12 +59,12 @@ def test_trigger_words_are_fresh_letter_only_words():
     triggers = world.TRIGGER_WORDS
     assert len(triggers) == 64 == len(set(triggers))
     assert all(t.isalpha() and t.islower() for t in triggers)
-    assert not set(triggers) & set(world.CAPTION_WORDS + world.PATTERN_WORDS)
+    assert not set(triggers) & set(pw.V2_CAPTION_WORDS)  # world v2's words include v1's
     rng = np.random.default_rng(0)
-    for patterned in (False, True):
+    for sample in (world.random_scene, pw.random_v2_scene):
         for _ in range(500):
-            caption = world.pretraining_caption(world.random_scene(rng, patterned=patterned), rng)
-            assert set(caption.replace(",", " ").split()) <= set(world.CAPTION_WORDS + world.PATTERN_WORDS), caption
+            caption = world.pretraining_caption(sample(rng), rng)
+            assert set(caption.replace(",", " ").split()) <= set(pw.V2_CAPTION_WORDS), caption
 
 
 def test_beyond_the_reserved_words_triggers_are_two_of_them_run_together():
@@ -77,32 +78,6 @@ def test_beyond_the_reserved_words_triggers_are_two_of_them_run_together():
     for index in (-1, world.MAX_CONCEPTS):
         with pytest.raises(ValueError, match=f"at most 1000 concepts, got index {index}"):
             world.make_concept(index)
-
-
-def test_patterned_scenes_use_two_named_colours_and_the_pattern_named():
-    rng = np.random.default_rng(1)
-    scenes = [world.random_scene(rng, patterned=True) for _ in range(200)]
-    assert {s.pattern for s in scenes} == set(world.PATTERNS)
-    assert not {s.combo for s in scenes} & world.HELDOUT_COMBOS
-    for scene in scenes[:20]:
-        assert len({scene.colour, scene.second_colour, scene.background}) == 3
-        words = scene.caption().split()
-        assert words[2:6] == [scene.colour, "and", scene.second_colour, world.PATTERN_ADJECTIVES[scene.pattern]]
-        assert world.parse_caption(scene.caption())["colour"] == scene.colour
-        colours = {tuple(c) for c in np.asarray(scene.render(rng)).reshape(-1, 3)}
-        assert {world.COLOURS[scene.colour], world.COLOURS[scene.second_colour], world.COLOURS[scene.background]} <= colours
-
-
-@pytest.mark.parametrize("index", [0, 5])
-def test_parse_caption_recovers_what_was_asked(index):
-    scene = world.Scene("triangle", "red", "blue", "bottom left", "small")
-    assert world.parse_caption(scene.caption()) == {"shape": "triangle", "colour": "red", "size": "small",
-                                                    "background": "blue", "position": "bottom left"}
-    concept = world.make_concept(index)
-    assert world.parse_caption(concept.caption("green", "top")) == {
-        "trigger": concept.trigger, "background": "green", "position": "top"}
-
-
 
 
 def test_world_v2_never_shows_a_concept_combination_in_pretraining():

@@ -3,13 +3,14 @@
 Why it exists: no outside weights (CLIP, DINO) are available offline, so quality is measured in
 a world whose ground truth is known by construction (DESIGN.md §5).
 
-- *Base scenes* are what the tiny base model is pretrained on: one plain-coloured shape on a
-  plain background, captioned "a small red circle on a blue background, top left". Patterned
-  scenes ("a red and white striped square on a blue background") exist for experiments
-  (train/pretrain_tiny_base.py --patterned-images); the shipped base was trained without them.
-- *Concepts* are novel objects the base model has never seen: each has its own silhouette
-  (random Fourier blob or star polygon), its own two-colour pattern, and its own trigger word,
-  and is captioned "a photo of <trigger> on a green background, top left".
+- *Base scenes* (world v1) are what tiny base v3 was pretrained on: one plain-coloured shape on a
+  plain background, captioned "a small red circle on a blue background, top left". World v2
+  (share_lab.pilot_world, tiny base v4's) builds on them; the 200 held-out combinations here
+  measure every base.
+- *Concepts* of world v1 are novel objects the base model has never seen: each has its own
+  silhouette (random Fourier blob or star polygon), its own two-colour pattern, and its own trigger
+  word, and is captioned "a photo of <trigger> on a green background, top left". Concept folders of
+  either world are written and read here (`write_concept`, `load_concept`).
 
 Everything is plain numpy + PIL and deterministic in its seed.
 """
@@ -17,7 +18,6 @@ Everything is plain numpy + PIL and deterministic in its seed.
 from __future__ import annotations
 
 import colorsys
-import dataclasses
 import json
 import math
 import random
@@ -61,7 +61,6 @@ CAPTION_WORDS = sorted(
     | set(SIZES) | set(COLOURS) | set(SHAPES)
     | {word for name in POSITIONS for word in name.split()}
 )
-PATTERN_WORDS = sorted({"and"} | set(PATTERN_ADJECTIVES.values()))  # only in patterned scenes' captions
 
 
 def _make_trigger_words(n: int, seed: int = 0) -> tuple[str, ...]:
@@ -189,15 +188,13 @@ def render(sprite: Sprite, background: tuple[int, int, int], centre: tuple[float
 
 @dataclass(frozen=True)
 class Scene:
-    """One pretraining image: a shape on a plain background, plain or patterned in two colours."""
+    """One pretraining image of world v1: a plain-coloured shape on a plain background."""
 
     shape: str
     colour: str
     background: str
     position: str
     size: str
-    pattern: str = "solid"  # or one of PATTERNS, painted in colour and second_colour
-    second_colour: str | None = None
 
     @property
     def combo(self) -> tuple[str, str, str, str]:
@@ -205,10 +202,7 @@ class Scene:
 
     @property
     def subject(self) -> str:
-        """"red circle", or "red and white striped circle"."""
-        if self.pattern == "solid":
-            return f"{self.colour} {self.shape}"
-        return f"{self.colour} and {self.second_colour} {PATTERN_ADJECTIVES[self.pattern]} {self.shape}"
+        return f"{self.colour} {self.shape}"
 
     def caption(self) -> str:
         """The full canonical caption, as used for evaluation prompts."""
@@ -216,12 +210,8 @@ class Scene:
 
     def render(self, rng: np.random.Generator, resolution: int = RESOLUTION) -> Image.Image:
         diameter = rng.uniform(*SIZES[self.size]) * resolution
-        sprite = Sprite(BASE_OUTLINES[self.shape], tuple(COLOURS[c] for c in (self.colour, self.second_colour) if c))
-        if self.pattern != "solid":  # concepts' pattern scale, any orientation
-            sprite = dataclasses.replace(sprite, pattern=self.pattern, frequency=rng.uniform(*PATTERN_FREQUENCY),
-                                         pattern_angle=rng.uniform(0, np.pi))
-        return render(sprite, COLOURS[self.background], place(self.position, diameter, rng, resolution),
-                      diameter, resolution=resolution)
+        return render(Sprite(BASE_OUTLINES[self.shape], (COLOURS[self.colour],)), COLOURS[self.background],
+                      place(self.position, diameter, rng, resolution), diameter, resolution=resolution)
 
 
 def _all_combos() -> list[tuple[str, str, str, str]]:
@@ -235,15 +225,11 @@ HELDOUT_COMBOS = frozenset(random.Random(0).sample(_all_combos(), 200))
 _PRETRAINING_COMBOS = [combo for combo in _all_combos() if combo not in HELDOUT_COMBOS]
 
 
-def random_scene(rng: np.random.Generator, heldout: bool = False, patterned: bool = False) -> Scene:
+def random_scene(rng: np.random.Generator, heldout: bool = False) -> Scene:
     """A random scene from the pretraining combinations, or from the held-out ones."""
     pool = sorted(HELDOUT_COMBOS) if heldout else _PRETRAINING_COMBOS
     shape, colour, background, position = pool[rng.integers(len(pool))]
-    scene = Scene(shape, colour, background, position, str(rng.choice(list(SIZES))))
-    if not patterned:
-        return scene
-    second = [c for c in COLOURS if c not in (colour, background)]
-    return dataclasses.replace(scene, pattern=str(rng.choice(PATTERNS)), second_colour=second[rng.integers(len(second))])
+    return Scene(shape, colour, background, position, str(rng.choice(list(SIZES))))
 
 
 def heldout_scenes(n: int = 200, seed: int = 0) -> list[Scene]:
