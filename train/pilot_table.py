@@ -12,8 +12,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results" / "pilot-bases.json"
-PRETRAINED = {"assets/tiny-base": "6000 × 32 + ", "runs/pilots/P2/base": "5000 × 16 + ",
-              "runs/pilots/V2/base": "10000 × 32 + ", "runs/pilots/V2b/base": "15000 × 32 + "}  # steps of an --init-from base
+PRETRAINED = {"assets/tiny-base": "6000 × 32 + ",  # tiny base v3, when the pilots that started from it ran
+              "runs/pilots/P2/base": "5000 × 16 + ",
+              "runs/pilots/V2/base": "10000 × 32 + ", "runs/pilots/V2b/base": "15000 × 32 + ",
+              "runs/pilots/V2c/base": "20000 × 32 + "}  # steps of an --init-from base
 WHAT = {
     "P0": "from scratch: today's world, today's UNet (cross-attn 8×8 only)",
     "P1": "from scratch: rich world, today's UNet",
@@ -28,6 +30,7 @@ WHAT = {
     "V2bD": "V2b with the world-v2 decoder D1 (latents unchanged), the parts reader",
     "V2c": "V2b continued: 5000 × 32 more at lr 2e-4, with D1's decoder (2 threads)",
     "VP": "shipped base fine-tuned on today's world to predict v instead of the noise (--prediction-type v_prediction)",
+    "V2d": "V2c (tiny base v4) continued: 5000 × 32 more at lr 2e-4 (2 threads)",
     "VQ": "V2c fine-tuned to predict v with every timestep weighing 1 (--snr-gamma 0: min-SNR gave t ≈ T no weight), 2500 × 32 at lr 2e-4",
     "shipped": "the shipped base as is (today's world and UNet, 6000 steps × batch 32)",
     "F0": "shipped base + fine-tuning on today's world (control: more steps, same world)",
