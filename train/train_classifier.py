@@ -12,7 +12,7 @@ noise and colour jitter stand in for the remaining imperfections.
   it prints its accuracy on fresh renders (as rendered, and through the VAE) and on the concepts'
   held-out images.
 
-    python train/train_classifier.py      # parts reader: about 25 minutes on the 2-core CPU
+    python train/train_classifier.py      # the parts reader: about 16 minutes on the 2-core CPU, 2 threads
 """
 
 import argparse
