@@ -269,12 +269,9 @@ def train_denoiser(unet, text_encoder, tokenizer, means, stds, scaling_factor, s
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
         prediction = unet(noise_scheduler.add_noise(latents, noise, timesteps), timesteps, text_encoder(ids)[0]).sample
         snr = compute_snr(noise_scheduler, timesteps)
-        if prediction_type == "v_prediction":
-            target, weights = noise_scheduler.get_velocity(latents, noise, timesteps), torch.clamp(snr, max=snr_gamma) / (snr + 1)
-        else:
-            target, weights = noise, torch.clamp(snr, max=snr_gamma) / snr
-        if not snr_gamma:
-            weights = torch.ones_like(snr)
+        v = prediction_type == "v_prediction"
+        target = noise_scheduler.get_velocity(latents, noise, timesteps) if v else noise
+        weights = torch.clamp(snr, max=snr_gamma) / (snr + 1 if v else snr) if snr_gamma else torch.ones_like(snr)
         loss = (F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
