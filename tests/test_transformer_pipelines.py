@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 import share_diffusers  # noqa: F401  (installs pipe.load_share & co.)
@@ -432,3 +433,37 @@ def test_learn_concept_trains_30_steps_and_load_share_reads_the_file(name, tmp_p
             assert (pipe.text_encoder_2(ids)[0] - adapted).abs().max() > 1e-4
     else:
         assert not t5_layers
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_pre_computed_embeddings_learn_the_same_concept_and_validation_images_go_image_to_image(name, tmp_path):
+    """--pre_compute_text_embeddings encodes through every encoder (CLIP and T5) once and moves them off
+    the accelerator: the concept learned is the one learned without it. --validation_images gives one
+    image-to-image result per image (SD3's and Flux's img2img siblings, at the trained size). Their two
+    tokenizers leave --tokenizer_name nothing to replace: it is refused."""
+    BUILDERS[name]().save_pretrained(tmp_path / "base")
+    concept = sorted((Path(__file__).parents[1] / "assets" / "concepts").glob("*/concept.json"))[0].parent
+    starts = [str(p) for p in sorted((concept / "heldout").glob("*.png"))[:2]]
+    script = runpy.run_path(str(Path(__file__).parents[1] / "train" / "learn_concept.py"))
+
+    def learn(run, *extra):
+        return script["main"](script["parse_args"]([
+            "--pretrained_model_name_or_path", str(tmp_path / "base"), "--instance_data_dir", str(concept / "train"),
+            "--share_path", str(tmp_path / run / "share.safetensors"), "--output_dir", str(tmp_path / run),
+            "--max_train_steps", "8", "--train_batch_size", "2", "--learning_rate", "1e-2", "--resolution", "32",
+            "--max_sequence_length", "16", "--num_validation_images", "1", "--report_to", "none",
+            "--finetune_after_merge_steps", "0", *extra]))
+
+    with pytest.raises(SystemExit, match="--tokenizer_name replaces the one tokenizer of a UNet pipeline"):
+        learn("refused", "--tokenizer_name", str(tmp_path / "base" / "tokenizer"))
+    assert not (tmp_path / "refused" / "share.safetensors").exists()
+    learn("plain")
+    learn("pre", "--pre_compute_text_embeddings", "--validation_images", *starts)
+    files = {run: tmp_path / run / "share.safetensors" for run in ("plain", "pre")}
+    plain, pre = read_share(files["plain"])[0], read_share(files["pre"])[0]
+    assert plain.shapes.keys() == pre.shapes.keys()
+    for layer in plain.shapes:
+        torch.testing.assert_close(pre.delta(layer, {concept.name: 1.0}), plain.delta(layer, {concept.name: 1.0}),
+                                   rtol=1e-4, atol=1e-6)
+    outputs = sorted((tmp_path / "pre").glob("validation_*.png"))
+    assert len(outputs) == len(starts) and all(Image.open(p).size == (32, 32) for p in outputs)

@@ -283,6 +283,8 @@ class Base:
 
     def pipeline(self, args):
         if self.flow is not None:
+            for encoder in text_encoders(self).values():  # back from the CPU (--pre_compute_text_embeddings)
+                encoder.to(self.unet.device)
             return self.flow.pipe
         pipe = DiffusionPipeline.from_pretrained(
             self.path, unet=self.unet, text_encoder=self.text_encoder.to(self.unet.device), vae=self.vae, tokenizer=self.tokenizer,
@@ -317,9 +319,9 @@ def learn(args) -> dict | None:
     accelerator = make_accelerator(args)
     base = load_base(args, accelerator)
     models = trained_models(args, base)
-    if base.flow is not None and (args.pre_compute_text_embeddings or args.tokenizer_name or args.validation_images):
-        fail("--pre_compute_text_embeddings, --tokenizer_name and --validation_images are not available on transformer pipelines "
-             "(SD3, Flux) yet.")
+    if base.flow is not None and args.tokenizer_name:  # as train_dreambooth_lora_{sd3,flux}.py, which have no such flag
+        fail("--tokenizer_name replaces the one tokenizer of a UNet pipeline; SD3 and Flux pipelines have a CLIP and a T5 "
+             "tokenizer each: put the ones you want in the base pipeline's folder.")
     old_state = share_to_extend(args, base, models)
     old_heldout = stored_heldout(args, old_state)
     # the new concept's trainable parametrisation, fp32 even under mixed precision
@@ -347,6 +349,12 @@ def text_encoders(base: Base) -> dict[str, torch.nn.Module]:
     if base.flow is None:
         return {"text_encoder": base.text_encoder}
     return {c: m for c in COMPONENTS if c.startswith("text_encoder") and (m := getattr(base.flow.pipe, c, None)) is not None}
+
+
+def encoders_off(base: Base) -> None:
+    """--pre_compute_text_embeddings: the text encoders wait on the CPU until a pipeline needs them (`Base.pipeline`)."""
+    for encoder in text_encoders(base).values():
+        encoder.to("cpu")
 
 
 def trained_models(args, base: Base) -> dict[str, torch.nn.Module]:
@@ -477,8 +485,8 @@ def train(args, accelerator, base: Base, models: dict, trainers: dict, examples,
     cache = Cache(base.vae, base.tokenizer, base.text_encoder, dataset, args, accelerator.device, base.dtype, base.flow)
     if args.pre_compute_text_embeddings:
         cache.text([e.caption for e in dataset.examples + dataset.class_examples])
-        base.text_encoder.to("cpu")  # until a pipeline needs it (`Base.pipeline` brings it back)
-        accelerator.print(f"--pre_compute_text_embeddings: {len(cache.texts)} caption(s) encoded; the text encoder is off the accelerator.")
+        encoders_off(base)
+        accelerator.print(f"--pre_compute_text_embeddings: {len(cache.texts)} caption(s) encoded; the text encoders are off the accelerator.")
 
     scale = args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes if args.scale_lr else 1
     adam = torch.optim.AdamW
@@ -557,7 +565,7 @@ def train(args, accelerator, base: Base, models: dict, trainers: dict, examples,
                         preview = base.pipeline(args)
                         image = generate_validation(preview, args, heldout, count=1)[0]
                         if args.pre_compute_text_embeddings:
-                            base.text_encoder.to("cpu")
+                            encoders_off(base)
                         atomic_write(output_dir / "preview.png", lambda tmp, image=image: image.save(tmp, format="PNG"))
                 if global_step % args.checkpointing_steps == 0:
                     save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
@@ -853,11 +861,15 @@ def generate_validation(pipe, args, heldout, count=None):
     count = count or args.num_validation_images
     prompt = args.validation_prompt or (heldout[0].caption if heldout else args.instance_prompt)
     gens = [torch.Generator().manual_seed(args.seed + i) for i in range(count)]
-    kw = {}
-    if denoiser(pipe) == "transformer":  # their defaults are 1024 px and 512 T5 tokens, whatever was trained
-        kw = {"height": args.resolution, "width": args.resolution, "max_sequence_length": args.max_sequence_length}
     with torch.no_grad():
-        return pipe([prompt] * count, generator=gens, num_inference_steps=25, **kw).images
+        return pipe([prompt] * count, generator=gens, num_inference_steps=25, **trained_size(pipe, args)).images
+
+
+def trained_size(pipe, args) -> dict:
+    """Transformer pipelines default to 1024 px and 512 T5 tokens, whatever was trained: ask for what was."""
+    if denoiser(pipe) != "transformer":
+        return {}
+    return {"height": args.resolution, "width": args.resolution, "max_sequence_length": args.max_sequence_length}
 
 
 def generate_from_images(pipe, args, heldout, images) -> list:
@@ -870,7 +882,7 @@ def generate_from_images(pipe, args, heldout, images) -> list:
     size = (args.resolution, args.resolution)
     with torch.no_grad():
         return [i2i(prompt, image=image.resize(size), generator=torch.Generator().manual_seed(args.seed + i), num_inference_steps=25,
-                    strength=0.75).images[0] for i, image in enumerate(images)]
+                    strength=0.75, **trained_size(pipe, args)).images[0] for i, image in enumerate(images)]
 
 
 def push_to_hub(args, result: dict) -> str:
