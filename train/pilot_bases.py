@@ -291,20 +291,25 @@ def prepare(args) -> None:
 
 # --------------------------------------------------------------------------- pilot bases
 
-def init_from(base: Path, cross_attn: str, width: int):
+def init_from(base: Path, cross_attn: str, width: int, levels: int = 2):
     """Start from a trained base (its tokenizer, text encoder and UNet weights) instead of from scratch.
 
     Why: 12-20 min of 1-thread CPU from scratch is ~500 steps, too few to form any base (pilot P1
     draws textures), so the design questions are asked as fine-tunings of the shipped base at equal
     cost. Attention blocks the base lacks (cross-attn at 16x16) start with proj_out = 0, so the
-    model starts as exactly the base. Rich-world words that are not in its vocabulary are split
+    model starts as exactly the base; ``levels=3`` grows a two-level base by a 4x4 level
+    (pretrain_tiny_base.add_third_level). Rich-world words that are not in its vocabulary are split
     into several byte-level tokens by its tokenizer and learned by its text encoder.
     """
     from transformers import CLIPTextModel, CLIPTokenizer
     tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder")
-    unet = pretrain.build_unet(cross_attn, width)
-    missing, unexpected = unet.load_state_dict(UNet2DConditionModel.from_pretrained(base / "unet").state_dict(), strict=False)
+    trained = UNet2DConditionModel.from_pretrained(base / "unet")
+    if levels == 3 and len(trained.config.block_out_channels) == 2:
+        print(f"initialised from {base}, grown by a 4x4 level", flush=True)
+        return tokenizer, text_encoder, pretrain.add_third_level(trained)
+    unet = pretrain.build_unet(cross_attn, width, levels)
+    missing, unexpected = unet.load_state_dict(trained.state_dict(), strict=False)
     assert not unexpected, unexpected
     new_blocks = sorted({k.split(".attentions.")[0] + ".attentions." + k.split(".attentions.")[1].split(".")[0]
                          for k in missing if ".attentions." in k})
@@ -345,12 +350,12 @@ def pretrain_pilot(args, out: Path, vae) -> tuple[StableDiffusionPipeline, dict]
     stage = time.time()
     torch.manual_seed(args.seed)
     if args.init_from:
-        tokenizer, text_encoder, unet = init_from(args.init_from, args.cross_attn, args.width)
+        tokenizer, text_encoder, unet = init_from(args.init_from, args.cross_attn, args.width, args.levels)
     else:
         words = {"today": world.CAPTION_WORDS, "rich": pw.CAPTION_WORDS, "v2": pw.V2_CAPTION_WORDS}[args.world]
         tokenizer = pretrain.build_tokenizer(out / "tokenizer", words)
         text_encoder, _, _ = pretrain.build_models(tokenizer)
-        unet = pretrain.build_unet(args.cross_attn, args.width)
+        unet = pretrain.build_unet(args.cross_attn, args.width, args.levels)
     scenes, means, stds = world_data(args.world, args.images, args.seed, vae)
     data_seconds = time.time() - stage
     plan_path = out / "plan.json"
@@ -409,7 +414,7 @@ def pilot(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     key = ["pilots" + CONCEPT_WORLD["key"], args.name]
     config = ({"base": str(args.base)} if args.base else
-              {k: getattr(args, k) for k in ("world", "cross_attn", "width", "minutes", "steps", "images", "batch_size", "lr", "seed",
+              {k: getattr(args, k) for k in ("world", "cross_attn", "width", "levels", "minutes", "steps", "images", "batch_size", "lr", "seed",
                                   "prediction_type", "snr_gamma")}
               | ({"init_from": str(args.init_from)} if args.init_from else {}))
     record(key + ["config"], config)
@@ -544,6 +549,8 @@ def main() -> None:
     p.add_argument("--world", choices=("today", "rich", "v2"), default="rich")
     p.add_argument("--cross-attn", choices=("8", "all"), default="8", help="8: at 8x8 only (today); all: 16x16 and 8x8")
     p.add_argument("--width", type=int, default=64, help="block_out_channels = (width, 2 width)")
+    p.add_argument("--levels", type=int, choices=(2, 3), default=2, help="3: a 4x4 level of resnets too (grows a "
+                                                                           "two-level --init-from)")
     p.add_argument("--minutes", type=float, default=12, help="denoiser time budget (steps sized to fit)")
     p.add_argument("--images", type=int, default=12000)
     p.add_argument("--steps", type=int, help="denoiser steps instead of --minutes: the same CPU cost for designs "

@@ -32,6 +32,8 @@ WHAT = {
     "VP": "shipped base fine-tuned on today's world to predict v instead of the noise (--prediction-type v_prediction)",
     "V2d": "V2c (tiny base v4) continued: 5000 × 32 more at lr 2e-4 (2 threads)",
     "VQ": "V2c fine-tuned to predict v with every timestep weighing 1 (--snr-gamma 0: min-SNR gave t ≈ T no weight), 2500 × 32 at lr 2e-4",
+    "G1": "V2c (tiny base v4) grown by a 4×4 level of resnets (add_third_level; the trained weights kept, the new "
+          "level random), then 4000 × 32 at lr 3e-4 (2 threads)",
     "shipped": "the shipped base as is (today's world and UNet, 6000 steps × batch 32)",
     "F0": "shipped base + fine-tuning on today's world (control: more steps, same world)",
     "F1": "shipped base + fine-tuning on the rich world, today's UNet",
