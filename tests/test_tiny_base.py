@@ -73,23 +73,46 @@ def test_fp32_and_within_size_budget(pipe):
 
 
 def test_the_pretraining_script_builds_the_shipped_architecture(pipe):
-    """train/pretrain_tiny_base.py's `build_unet` is the one definition (the pilots use it too): at its
-    default it is the shipped UNet; ``cross_attn="all"`` adds cross-attention at 16x16 too."""
+    """train/pretrain_tiny_base.py's `build_unet` is the one definition (the pilots use it too): with
+    three levels it is the shipped UNet; ``cross_attn="all"`` adds cross-attention at 16x16 too."""
     import runpy
 
     def plain(config):
         return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if not k.startswith("_")}
 
     build_unet = runpy.run_path(str(share_lab.ROOT / "train" / "pretrain_tiny_base.py"))["build_unet"]
-    assert plain(build_unet().config) == plain(pipe.unet.config)
+    assert plain(build_unet(levels=3).config) == plain(pipe.unet.config)
     cross = {".".join(name.split(".")[:2]) for name, m in build_unet("all").named_modules() if name.endswith("attn2")}
     assert cross == {"down_blocks.0", "down_blocks.1", "up_blocks.0", "up_blocks.1"}
 
 
+def test_a_grown_unet_keeps_every_trained_weight_in_place(pipe):
+    """add_third_level: the two-level UNet's weights reappear unchanged (its up blocks one place on),
+    and only the 4x4 level is new."""
+    import runpy
+
+    script = runpy.run_path(str(share_lab.ROOT / "train" / "pretrain_tiny_base.py"))
+    two = script["build_unet"]()
+    grown = script["add_third_level"](two).state_dict()
+    renamed = {"up_blocks.0.": "up_blocks.1.", "up_blocks.1.": "up_blocks.2."}
+
+    def moved(name):
+        return next((name.replace(a, b, 1) for a, b in renamed.items() if name.startswith(a)), name)
+
+    for name, weight in two.state_dict().items():
+        assert torch.equal(grown[moved(name)], weight), name
+    blocks = {".".join(name.split(".")[:2]) for name in grown.keys() - set(map(moved, two.state_dict()))}
+    assert blocks == {"down_blocks.1", "down_blocks.2", "up_blocks.0"}  # 8x8 gains its downsampler
+    assert grown.keys() == pipe.unet.state_dict().keys()
+    with pytest.raises(ValueError, match="two-level"):
+        script["add_third_level"](pipe.unet)
+
+
 def test_the_pretraining_script_runs_every_stage_and_resumes(tmp_path):
-    """A few steps of each stage of the world-v2 recipe write a pipeline stock Diffusers loads, with
-    world v2's words as single tokens; run again, every stage resumes at its last step (nothing is
-    trained twice) and writes the same weights."""
+    """A few steps of each stage of the world-v2 recipe write a pipeline stock Diffusers loads (float32,
+    from float16 files), with world v2's words as single tokens and the UNet grown by its 4x4 level
+    between the stages; run again, every stage resumes at its last step (nothing is trained twice) and
+    writes the same weights."""
     import subprocess
     import sys
 
@@ -100,13 +123,16 @@ def test_the_pretraining_script_runs_every_stage_and_resumes(tmp_path):
                "--work-dir", str(tmp_path / "work"), "--output", str(out), "--vae-images", "48", "--vae-extra-images", "16",
                "--vae-steps", "2", "--decoder-steps", "2", "--v2-decoder-images", "16", "--v2-decoder-steps", "2",
                "--images", "48", "--denoiser-stages", "3:1e-3,2:1e-4", "--batch-size", "4", "--vae-batch-size", "4",
-               "--prediction-type", "v_prediction", "--snr-gamma", "0"]
+               "--prediction-type", "v_prediction", "--snr-gamma", "0", "--third-level-after", "1", "--half"]
     first = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    assert "grown by a 4x4 level before stage 2" in first
     assert "denoiser stage 2 done" in first and "resumed" not in first
     pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert len(pipe.unet.config.block_out_channels) == 3 and pipe.unet.dtype == pipe.vae.dtype == torch.float32
     assert all(len(pipe.tokenizer(w, add_special_tokens=False).input_ids) == 1 for w in pw.V2_CAPTION_WORDS)
     weights = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {w.dtype for w in weights.values()} == {torch.float16}
 
     again = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     for stage in ("vae: resumed at step 2", "decoder: resumed at step 2", "decoder-v2: resumed at step 2",

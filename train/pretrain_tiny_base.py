@@ -1,4 +1,4 @@
-"""Pretrain the tiny text-to-image base model that ships in assets/tiny-base (tiny base v4).
+"""Pretrain the tiny text-to-image base model that ships in assets/tiny-base (tiny base v5).
 
 Why: everything in this project (training script, web UI, benchmarks, tests) must run offline on
 a laptop CPU, so the project trains its own Stable-Diffusion-shaped model on a procedural world and
@@ -19,13 +19,17 @@ Stages, each checkpointed under --work-dir so that a crash loses at most a few m
      is fixed after (a); --vae-from starts from an existing VAE instead of (a)-(b);
   3. UNet + CLIP text encoder, jointly from scratch on VAE latents (min-SNR weighting, 10% empty
      captions for classifier-free guidance, EMA weights), in --denoiser-stages, each a cosine
-     schedule that starts from the previous stage's EMA weights.
+     schedule that starts from the previous stage's EMA weights; after --third-level-after stages
+     the two-level UNet grows a 4x4 level (`add_third_level`) and the last stage trains it in.
 
-Measured on the project's 2-core CPU (no GPU was available), 2 threads: stages 2a-2b about 35 min,
-2c 16 min, rendering and encoding the 60,000 world-v2 scenes 10 min, denoiser stage 1 82 min (10,000
-steps, beside a 1-thread job), stage 2 34 min (5000), stage 3 32 min (5000): about 3.5 h in all,
-resumable at any point. The shipped v4 was trained stage by stage over several sessions as pilots
-of train/pilot_bases.py (V2, V2b, V2c and decoder D1; docs/results/pilot-bases.md), which call these
+The shipped v5 is `--third-level-after 3 --half` with the default stages: v4's three, then the grown
+UNet 4000 steps at 3e-4; the UNet and VAE are stored in float16 (13.3 MB of weights in all; stock
+from_pretrained loads them as float32). Measured on the project's 2-core CPU (no GPU was available),
+2 threads: stages 2a-2b about 35 min, 2c 16 min, rendering and encoding the 60,000 world-v2 scenes
+10 min, denoiser stage 1 82 min (10,000 steps, beside a 1-thread job), stage 2 34 min (5000), stage
+3 32 min (5000), stage 4 about 30 min (4000; 46 min beside other jobs): about 4 h in all, resumable at
+any point. The shipped base was trained stage by stage over several sessions as pilots of
+train/pilot_bases.py (V2, V2b, V2c, G1 and decoder D1; docs/results/pilot-bases.md), which call these
 functions with the same data, seeds and settings; this script then resumed from their checkpoints
 (`--vae-from` tiny base v3's VAE, made by stages 2a-2b) and wrote assets/tiny-base. Its measured
 quality is in the README ("The tiny base"). Re-running with the same --seed reproduces a model of
@@ -95,22 +99,47 @@ def build_tokenizer(directory: Path, words: list[str]) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(directory)
 
 
-def build_unet(cross_attn: str = "8", width: int = 64) -> UNet2DConditionModel:
+def build_unet(cross_attn: str = "8", width: int = 64, levels: int = 2) -> UNet2DConditionModel:
     """16x16 (``width`` channels) -> 8x8 (twice as wide), self- and cross-attention at 8x8 only
     (``cross_attn="8"``, the shipped base) or at 16x16 too (``"all"``: as in Stable Diffusion, attention
-    and so every attention adapter reaches the level where an object's silhouette is drawn)."""
+    and so every attention adapter reaches the level where an object's silhouette is drawn).
+
+    ``levels=3`` adds a 4x4 level of plain resnets (as Stable Diffusion's deepest level): there the
+    zero padding of every 3x3 convolution reaches the whole map, so the model can tell top left from
+    bottom right, which two levels cannot (docs/results/pilot-bases.md, pilots VQ and G1)."""
     both = cross_attn == "all"
+    deep = ("DownBlock2D",) if levels == 3 else ()
     return UNet2DConditionModel(
         sample_size=world.RESOLUTION // 4, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(width, 2 * width),
-        down_block_types=("CrossAttnDownBlock2D" if both else "DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D" if both else "UpBlock2D"), mid_block_type=None,
+        block_out_channels=(width, 2 * width) + (2 * width,) * (levels - 2),
+        down_block_types=("CrossAttnDownBlock2D" if both else "DownBlock2D", "CrossAttnDownBlock2D") + deep,
+        up_block_types=tuple(b.replace("Down", "Up") for b in deep) +
+                       ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D" if both else "UpBlock2D"), mid_block_type=None,
         cross_attention_dim=128, attention_head_dim=4,  # diffusers' legacy name: 4 heads of 32
         addition_embed_type="text")  # the pooled prompt joins the time embedding: every resnet sees it
 
 
+def add_third_level(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """A trained two-level UNet grown by a 4x4 level: every trained weight keeps its place.
+
+    The new model's 8x8 and 16x16 up blocks are the old up blocks (same shapes: the 8x8 one now takes
+    the 4x4 level's output where it took the 8x8 down block's). The new blocks start random, so the
+    grown model must be trained on (a few thousand steps) before it draws again.
+    """
+    if len(unet.config.block_out_channels) != 2 or "CrossAttnDownBlock2D" in unet.config.down_block_types[:1]:
+        raise ValueError("add_third_level grows a two-level UNet with cross-attention at 8x8 only (tiny base v4's)")
+    grown = build_unet(width=unet.config.block_out_channels[0], levels=3)
+    moved = {k.replace("up_blocks.1.", "up_blocks.2.").replace("up_blocks.0.", "up_blocks.1.")
+             if k.startswith("up_blocks.") else k: v for k, v in unet.state_dict().items()}
+    missing, unexpected = grown.load_state_dict(moved, strict=False)
+    assert not unexpected and all(k.startswith(("down_blocks.1.downsamplers", "down_blocks.2", "up_blocks.0."))
+                                  for k in missing), (missing, unexpected)
+    return grown
+
+
 def build_models(tokenizer: CLIPTokenizer, cross_attn: str = "8") -> tuple[CLIPTextModel, AutoencoderKL, UNet2DConditionModel]:
-    """The architecture (seeded by the caller): 4.5M parameters, 17.9 MB in fp32 (cross-attention at 8x8 only)."""
+    """The architecture before growth (seeded by the caller): 4.5M parameters, 17.9 MB in fp32 (cross-attention at
+    8x8 only); the 4x4 level adds 1.6M."""
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
@@ -318,9 +347,10 @@ def main() -> None:
     parser.add_argument("--v2-decoder-images", type=int, default=16000, help="stage 2c (world v2): its scenes")
     parser.add_argument("--v2-decoder-steps", type=int, default=2500, help="stage 2c: decoder-only on world v2")
     parser.add_argument("--vae-batch-size", type=int, default=16)
-    parser.add_argument("--denoiser-stages", type=parse_stages, default=parse_stages("10000:7e-4,5000:3e-4,5000:2e-4"),
+    parser.add_argument("--denoiser-stages", type=parse_stages,
+                        default=parse_stages("10000:7e-4,5000:3e-4,5000:2e-4,4000:3e-4"),
                         help="STEPS:LR,...: each stage a cosine schedule from the previous stage's EMA weights "
-                             "(tiny base v3: 6000:7e-4)")
+                             "(tiny base v4: the first three, no growth; v3: 6000:7e-4 on world v1)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon",
                         help="the denoiser's target (the shipped base: epsilon; train_denoiser says why v)")
@@ -328,8 +358,15 @@ def main() -> None:
     parser.add_argument("--cross-attn", choices=("8", "all"), default="8",
                         help="8: attention at 8x8 only (the shipped base); all: at 16x16 too "
                              "(pilot P3: no gain in adapter identity, docs/results/pilot-bases.md)")
+    parser.add_argument("--third-level-after", type=int, default=3, metavar="STAGE",
+                        help="grow the UNet by a 4x4 level after this denoiser stage (add_third_level); 0: never")
+    parser.add_argument("--half", action=argparse.BooleanOptionalAction, default=True,
+                        help="store the UNet and the VAE in float16 (half the bytes; --no-half: float32)")
     parser.add_argument("--threads", type=int, help="torch CPU threads; 1 is faster on a CPU shared with other jobs")
     args = parser.parse_args()
+    if not 0 <= args.third_level_after < len(args.denoiser_stages):
+        parser.error(f"--third-level-after {args.third_level_after}: there are {len(args.denoiser_stages)} denoiser "
+                     "stages, and the grown UNet needs one after it to learn its new level (0: do not grow)")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -360,12 +397,18 @@ def main() -> None:
     scenes, render = pretraining_scenes(args.world, args.images, args.seed)
     means, stds = encode(vae, render, args.work_dir / f"latents-{args.world}-seed{args.seed}-{args.images}.pt")
     for i, (steps, lr) in enumerate(args.denoiser_stages, 1):  # each from the previous stage's EMA weights
+        if i == args.third_level_after + 1 and i > 1:
+            torch.manual_seed(args.seed)  # the new blocks' initial weights
+            unet = add_third_level(unet)
+            print(f"denoiser: grown by a 4x4 level before stage {i}", flush=True)
         stage = time.time()
         train_denoiser(unet, text_encoder, tokenizer, means, stds, vae.config.scaling_factor, scenes, steps, args.batch_size,
                        lr, args.seed, args.work_dir / f"denoiser-stage{i}.pt", prediction_type=args.prediction_type,
                        snr_gamma=args.snr_gamma)
         print(f"denoiser stage {i} done ({(time.time() - stage) / 60:.1f} min)", flush=True)
 
+    if args.half:  # stock from_pretrained loads these back as float32
+        unet.to(torch.float16), vae.to(torch.float16)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         scheduler=DPMSolverMultistepScheduler(**NOISE_SCHEDULE, prediction_type=args.prediction_type),
