@@ -22,8 +22,8 @@ Stages, each checkpointed under --work-dir so that a crash loses at most a few m
      schedule that starts from the previous stage's EMA weights; after --third-level-after stages
      the two-level UNet grows a 4x4 level (`add_third_level`) and the last stage trains it in.
 
-The shipped v5 is `--third-level-after 3 --half` with the default stages: v4's three, then the grown
-UNet 4000 steps at 3e-4; the UNet and VAE are stored in float16 (13.3 MB of weights in all; stock
+The shipped v5 is the defaults: v4's three stages, then the grown UNet 4000 steps at 3e-4
+(`--third-level-after 3`); the UNet and VAE are stored in float16 (`--half`) (13.3 MB of weights in all; stock
 from_pretrained loads them as float32). Measured on the project's 2-core CPU (no GPU was available),
 2 threads: stages 2a-2b about 35 min, 2c 16 min, rendering and encoding the 60,000 world-v2 scenes
 10 min, denoiser stage 1 82 min (10,000 steps, beside a 1-thread job), stage 2 34 min (5000), stage
