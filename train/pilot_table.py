@@ -15,7 +15,7 @@ RESULTS = ROOT / "docs" / "results" / "pilot-bases.json"
 PRETRAINED = {"assets/tiny-base": "6000 × 32 + ",  # tiny base v3, when the pilots that started from it ran
               "runs/pilots/P2/base": "5000 × 16 + ",
               "runs/pilots/V2/base": "10000 × 32 + ", "runs/pilots/V2b/base": "15000 × 32 + ",
-              "runs/pilots/V2c/base": "20000 × 32 + "}  # steps of an --init-from base
+              "runs/pilots/V2c/base": "20000 × 32 + ", "runs/pilots/G1/base": "24000 × 32 + "}  # steps of an --init-from base
 WHAT = {
     "P0": "from scratch: today's world, today's UNet (cross-attn 8×8 only)",
     "P1": "from scratch: rich world, today's UNet",
@@ -34,6 +34,8 @@ WHAT = {
     "VQ": "V2c fine-tuned to predict v with every timestep weighing 1 (--snr-gamma 0: min-SNR gave t ≈ T no weight), 2500 × 32 at lr 2e-4",
     "G1": "V2c (tiny base v4) grown by a 4×4 level of resnets (add_third_level; the trained weights kept, the new "
           "level random), then 4000 × 32 at lr 3e-4 (2 threads)",
+    "G2": "G1 (tiny base v5) fine-tuned to predict v with every timestep weighing 1 (--snr-gamma 0), 4000 × 32 at "
+          "lr 2e-4 (2 threads)",
     "shipped": "the shipped base as is (today's world and UNet, 6000 steps × batch 32)",
     "F0": "shipped base + fine-tuning on today's world (control: more steps, same world)",
     "F1": "shipped base + fine-tuning on the rich world, today's UNet",
