@@ -129,9 +129,11 @@ def add_third_level(unet: UNet2DConditionModel) -> UNet2DConditionModel:
     if len(unet.config.block_out_channels) != 2 or "CrossAttnDownBlock2D" in unet.config.down_block_types[:1]:
         raise ValueError("add_third_level grows a two-level UNet with cross-attention at 8x8 only (tiny base v4's)")
     grown = build_unet(width=unet.config.block_out_channels[0], levels=3)
-    moved = {k.replace("up_blocks.1.", "up_blocks.2.").replace("up_blocks.0.", "up_blocks.1.")
-             if k.startswith("up_blocks.") else k: v for k, v in unet.state_dict().items()}
-    missing, unexpected = grown.load_state_dict(moved, strict=False)
+    def moved(name: str) -> str:  # up_blocks.i -> up_blocks.i+1: the new 4x4 up block comes first
+        block, _, rest = name.removeprefix("up_blocks.").partition(".")
+        return f"up_blocks.{int(block) + 1}.{rest}" if name.startswith("up_blocks.") else name
+
+    missing, unexpected = grown.load_state_dict({moved(k): v for k, v in unet.state_dict().items()}, strict=False)
     assert not unexpected and all(k.startswith(("down_blocks.1.downsamplers", "down_blocks.2", "up_blocks.0."))
                                   for k in missing), (missing, unexpected)
     return grown
@@ -397,7 +399,7 @@ def main() -> None:
     scenes, render = pretraining_scenes(args.world, args.images, args.seed)
     means, stds = encode(vae, render, args.work_dir / f"latents-{args.world}-seed{args.seed}-{args.images}.pt")
     for i, (steps, lr) in enumerate(args.denoiser_stages, 1):  # each from the previous stage's EMA weights
-        if i == args.third_level_after + 1 and i > 1:
+        if args.third_level_after and i == args.third_level_after + 1:
             torch.manual_seed(args.seed)  # the new blocks' initial weights
             unet = add_third_level(unet)
             print(f"denoiser: grown by a 4x4 level before stage {i}", flush=True)
