@@ -1,6 +1,8 @@
 """The metrics: normalised scores on the real base, forgetting and drift on damaged models,
 continual-learning arithmetic, analytic checks and the classifier on ground-truth renders."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -142,6 +144,24 @@ def test_analytic_checks_read_ground_truth_renders():
         for sample in concept.heldout[:5]:
             wanted = world.parse_caption(sample.caption)
             assert evaluation.prompt_following([sample.image], [sample.caption]) == {"background": 1, "position": 1}, wanted
+
+
+def test_base_quality_splits_position_into_column_and_row(monkeypatch, classifier):
+    """A "model" that draws every held-out scene mirrored left-right keeps each row but only the
+    middle column: position and column score 1/3, row 1."""
+    mirrored = {"left": "right", "right": "left"}
+
+    def draw_mirrored(pipe, captions, seed, **kwargs):
+        rng = np.random.default_rng(seed)
+        scenes = world.heldout_scenes(len(captions), seed)
+        assert [s.caption() for s in scenes] == captions
+        flip = lambda position: " ".join(mirrored.get(word, word) for word in position.split())
+        return [dataclasses.replace(s, position=flip(s.position)).render(rng) for s in scenes]
+
+    monkeypatch.setattr(evaluation, "generate", draw_mirrored)
+    quality = evaluation.base_quality(None, n=90, classifier=classifier)
+    assert quality["row"] == 1 and quality["column"] == quality["position"] == pytest.approx(1 / 3, abs=0.1)
+    assert quality["background"] == quality["colour"] == 1
 
 
 def test_the_reader_names_fresh_renders_and_their_round_trips(base, classifier):

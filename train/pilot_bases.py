@@ -370,7 +370,8 @@ def pretrain_pilot(args, out: Path, vae) -> tuple[StableDiffusionPipeline, dict]
     resumed_at = torch.load(out / "denoiser.pt")["step"] if (out / "denoiser.pt").exists() else 0
     pretrain.train_denoiser(unet, text_encoder, tokenizer, means, stds, vae.config.scaling_factor, scenes,
                             plan["steps"], args.batch_size, args.lr, args.seed, out / "denoiser.pt",
-                            prediction_type=args.prediction_type, snr_gamma=args.snr_gamma)
+                            prediction_type=args.prediction_type, snr_gamma=args.snr_gamma,
+                            snr_floor=args.snr_floor)
     denoiser_seconds = time.time() - stage
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=DPMSolverMultistepScheduler(**pretrain.NOISE_SCHEDULE,
@@ -415,7 +416,7 @@ def pilot(args) -> None:
     key = ["pilots" + CONCEPT_WORLD["key"], args.name]
     config = ({"base": str(args.base)} if args.base else
               {k: getattr(args, k) for k in ("world", "cross_attn", "width", "levels", "minutes", "steps", "images", "batch_size", "lr", "seed",
-                                  "prediction_type", "snr_gamma")}
+                                  "prediction_type", "snr_gamma", "snr_floor")}
               | ({"init_from": str(args.init_from)} if args.init_from else {}))
     record(key + ["config"], config)
     record(key + ["command"], "python train/pilot_bases.py " + " ".join(sys.argv[1:]))
@@ -559,6 +560,7 @@ def main() -> None:
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon",
                    help="what the denoiser predicts (v: the layout comes from the prompt, not the starting noise)")
     p.add_argument("--snr-gamma", type=float, default=5.0, help="min-SNR weighting; 0: none (pretrain_tiny_base.train_denoiser)")
+    p.add_argument("--snr-floor", type=float, default=0.0, help="the least weight on a step's x0 error (train_denoiser)")
     p.add_argument("--lr", type=float, default=1e-3, help="7e-4 in the shipped 6000-step recipe; short pilots")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quality-images", type=int, default=60)

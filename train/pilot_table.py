@@ -15,7 +15,8 @@ RESULTS = ROOT / "docs" / "results" / "pilot-bases.json"
 PRETRAINED = {"assets/tiny-base": "6000 × 32 + ",  # tiny base v3, when the pilots that started from it ran
               "runs/pilots/P2/base": "5000 × 16 + ",
               "runs/pilots/V2/base": "10000 × 32 + ", "runs/pilots/V2b/base": "15000 × 32 + ",
-              "runs/pilots/V2c/base": "20000 × 32 + ", "runs/pilots/G1/base": "24000 × 32 + "}  # steps of an --init-from base
+              "runs/pilots/V2c/base": "20000 × 32 + ", "runs/pilots/G1/base": "24000 × 32 + ",
+              "runs/pilots/G2/base": "28000 × 32 + ", "runs/pilots/G3/base": "32000 × 32 + "}  # steps of an --init-from base
 WHAT = {
     "P0": "from scratch: today's world, today's UNet (cross-attn 8×8 only)",
     "P1": "from scratch: rich world, today's UNet",
@@ -36,6 +37,9 @@ WHAT = {
           "level random), then 4000 × 32 at lr 3e-4 (2 threads)",
     "G2": "G1 (tiny base v5) fine-tuned to predict v with every timestep weighing 1 (--snr-gamma 0), 4000 × 32 at "
           "lr 2e-4 (2 threads)",
+    "G3": "G2 continued predicting v, min-SNR-5 weights with a floor of 1 on the x0 error (--snr-floor 1: steps "
+          "near T weigh as in G2, the clean ones capped as in G1), 4000 × 32 at lr 2e-4 (2 threads)",
+    "G4": "G3 continued the same way, 4000 × 32 more at lr 2e-4 (a new cosine schedule): tiny base v6 (2 threads)",
     "shipped": "the shipped base as is (today's world and UNet, 6000 steps × batch 32)",
     "F0": "shipped base + fine-tuning on today's world (control: more steps, same world)",
     "F1": "shipped base + fine-tuning on the rich world, today's UNet",
@@ -123,6 +127,8 @@ def pilot_table(pilots: dict, suffix: str) -> list[str]:
                      f"measured only: `{cfg['base']}`" if cfg.get("base") else planned)
         q = p.get("base_quality", {})
         quality = " / ".join(pct(q.get(k)) for k in ("shape", "colour", "background", "position"))
+        if "column" in q:  # measured since pilot G3: position's horizontal and vertical halves
+            quality += f" (column {pct(q['column'])}, row {pct(q['row'])})"
         u, lora = p.get("untrained_identity", {}), p.get("lora_identity", {})
         per = ", ".join(f"{v:.2f}" for v in lora.get("per_concept", {}).values())
         lines.append(f"| {name} | {WHAT.get(name, '')} | {steps} | {quality} | {pct(u.get('mean'))} | "

@@ -1,4 +1,4 @@
-"""Pretrain the tiny text-to-image base model that ships in assets/tiny-base (tiny base v5).
+"""Pretrain the tiny text-to-image base model that ships in assets/tiny-base (tiny base v6).
 
 Why: everything in this project (training script, web UI, benchmarks, tests) must run offline on
 a laptop CPU, so the project trains its own Stable-Diffusion-shaped model on a procedural world and
@@ -17,23 +17,27 @@ Stages, each checkpointed under --work-dir so that a crash loses at most a few m
      world-v2 scenes, so that two-colour detail survives a round trip (a yellow outline around red
      came back orange in a third of the concepts' images before). The encoder, hence every latent,
      is fixed after (a); --vae-from starts from an existing VAE instead of (a)-(b);
-  3. UNet + CLIP text encoder, jointly from scratch on VAE latents (min-SNR weighting, 10% empty
-     captions for classifier-free guidance, EMA weights), in --denoiser-stages, each a cosine
-     schedule that starts from the previous stage's EMA weights; after --third-level-after stages
-     the two-level UNet grows a 4x4 level (`add_third_level`) and the last stage trains it in.
+  3. UNet + CLIP text encoder, jointly from scratch on VAE latents (10% empty captions for
+     classifier-free guidance, EMA weights), in --denoiser-stages, each a cosine schedule that starts
+     from the previous stage's EMA weights and names its objective (OBJECTIVES): noise prediction
+     with min-SNR weighting, or v prediction weighted so that the steps near t = T, where an object
+     is placed, count; after --third-level-after stages the two-level UNet grows a 4x4 level
+     (`add_third_level`) and the later stages train it in.
 
-The shipped v5 is the defaults: v4's three stages, then the grown UNet 4000 steps at 3e-4
-(`--third-level-after 3`); the UNet and VAE are stored in float16 (`--half`) (13.3 MB of weights in all; stock
-from_pretrained loads them as float32). Measured on the project's 2-core CPU (no GPU was available),
-2 threads: stages 2a-2b about 35 min, 2c 16 min, rendering and encoding the 60,000 world-v2 scenes
-10 min, denoiser stage 1 82 min (10,000 steps, beside a 1-thread job), stage 2 34 min (5000), stage
-3 32 min (5000), stage 4 about 30 min (4000; 46 min beside other jobs): about 4 h in all, resumable at
-any point. The shipped base was trained stage by stage over several sessions as pilots of
-train/pilot_bases.py (V2, V2b, V2c, G1 and decoder D1; docs/results/pilot-bases.md), which call these
-functions with the same data, seeds and settings; this script then resumed from their checkpoints
-(`--vae-from` tiny base v3's VAE, made by stages 2a-2b) and wrote assets/tiny-base. Its measured
-quality is in the README ("The tiny base"). Re-running with the same --seed reproduces a model of
-the same quality (bitwise identity is not promised: multi-threaded CPU reductions are not ordered).
+The shipped v6 is the defaults: v4's three stages, the grown UNet 4000 steps at 3e-4
+(`--third-level-after 3`: v5), then 12,000 steps predicting v (without them position words are
+ignored: docs/results/pilot-bases.md); the UNet and VAE are stored in float16 (`--half`) (13.3 MB of
+weights in all; stock from_pretrained loads them as float32). Measured on the project's 2-core CPU
+(no GPU was available), 2 threads: stages 2a-2b about 35 min, 2c 16 min, rendering and encoding the
+60,000 world-v2 scenes 10 min, denoiser stage 1 82 min (10,000 steps, beside a 1-thread job), stage 2
+34 min (5000), stage 3 32 min (5000), stage 4 about 30 min (4000; 46 min beside other jobs), stages
+5-7 30, 31 and 29 min (4000 each): about 5.5 h in all, resumable at any point. The shipped base was
+trained stage by stage over several sessions as pilots of train/pilot_bases.py (V2, V2b, V2c, G1,
+G2, G3, G4 and decoder D1; docs/results/pilot-bases.md), which call these functions with the same
+data, seeds and settings; this script then resumed from their checkpoints (`--vae-from` tiny base
+v3's VAE, made by stages 2a-2b) and wrote assets/tiny-base. Its measured quality is in the README
+("The tiny base"). Re-running with the same --seed reproduces a model of the same quality (bitwise
+identity is not promised: multi-threaded CPU reductions are not ordered).
 """
 
 from __future__ import annotations
@@ -264,14 +268,17 @@ def encode(vae, render: Callable[[], torch.Tensor], cache: Path, batch_size=500)
 
 
 def train_denoiser(unet, text_encoder, tokenizer, means, stds, scaling_factor, scenes, steps, batch_size, lr,
-                   seed, checkpoint: Path, log_every=100, prediction_type="epsilon", snr_gamma=5.0) -> None:
+                   seed, checkpoint: Path, log_every=100, prediction_type="epsilon", snr_gamma=5.0,
+                   snr_floor=0.0) -> None:
     """Joint UNet + text-encoder training; EMA weights are copied into the models at the end.
 
     ``prediction_type`` "v_prediction" makes the model predict v = √ᾱ ε − √(1−ᾱ) x0: near t = T that is
     minus the image itself, so where the object goes must come from the prompt, not from the noise.
     ``snr_gamma`` is min-SNR weighting (Hang et al. 2023); 0 = none. For v, min-SNR's weight
     min(SNR, γ) / (SNR + 1) vanishes near t = T (SNR 4e-5 there): exactly the steps that place the
-    object, so a v model that must follow position words is trained with 0 (every step weighs 1).
+    object, so a v model that must follow position words is trained with 0 (every step weighs 1), or
+    with ``snr_floor``: min-SNR's weight on the x0 error, min(SNR, γ), raised to at least the floor, so
+    steps near T weigh as much as under plain v while the nearly clean steps stay capped at γ.
     """
     noise_scheduler = DDPMScheduler(**NOISE_SCHEDULE, prediction_type=prediction_type)
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -302,7 +309,8 @@ def train_denoiser(unet, text_encoder, tokenizer, means, stds, scaling_factor, s
         snr = compute_snr(noise_scheduler, timesteps)
         v = prediction_type == "v_prediction"
         target = noise_scheduler.get_velocity(latents, noise, timesteps) if v else noise
-        weights = torch.clamp(snr, max=snr_gamma) / (snr + 1 if v else snr) if snr_gamma else torch.ones_like(snr)
+        x0_weights = torch.clamp(snr, min=snr_floor, max=snr_gamma)  # the weight on |x0 - x0_hat|^2
+        weights = x0_weights / (snr + 1 if v else snr) if snr_gamma else torch.ones_like(snr)
         loss = (F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -320,14 +328,29 @@ def train_denoiser(unet, text_encoder, tokenizer, means, stds, scaling_factor, s
     unet.eval(), text_encoder.eval()
 
 
-def parse_stages(text: str) -> list[tuple[int, float]]:
-    """"10000:7e-4,5000:3e-4" -> [(10000, 7e-4), (5000, 3e-4)]: denoiser steps and peak learning rate."""
+# What a denoiser stage predicts and how it weighs its timesteps (train_denoiser says why).
+OBJECTIVES = {
+    "eps": dict(prediction_type="epsilon", snr_gamma=5.0),  # min-SNR-5: tiny bases v3-v5
+    "v": dict(prediction_type="v_prediction", snr_gamma=0.0),  # every step weighs 1
+    "v-floor": dict(prediction_type="v_prediction", snr_gamma=5.0, snr_floor=1.0),  # min-SNR-5, steps near T kept
+}
+
+
+def parse_stages(text: str) -> list[tuple[int, float, str]]:
+    """"10000:7e-4,4000:2e-4:v" -> [(10000, 7e-4, "eps"), (4000, 2e-4, "v")]: denoiser steps, peak
+    learning rate and objective (an OBJECTIVES key; "eps" when left out)."""
     try:
-        stages = [(int(steps), float(lr)) for steps, lr in (stage.split(":") for stage in text.split(","))]
+        stages = [(int(fields[0]), float(fields[1]), fields[2] if len(fields) == 3 else "eps")
+                  for fields in (stage.split(":") for stage in text.split(",")) if len(fields) in (2, 3)]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected STEPS:LR[,STEPS:LR...], got {text!r}") from None
-    if not stages or any(steps <= 0 or lr <= 0 for steps, lr in stages):
+        stages = []
+    if len(stages) != len(text.split(",")):
+        raise argparse.ArgumentTypeError(f"expected STEPS:LR[:OBJECTIVE][,...], got {text!r}")
+    if any(steps <= 0 or lr <= 0 for steps, lr, _ in stages):
         raise argparse.ArgumentTypeError(f"steps and learning rates must be positive, got {text!r}")
+    if unknown := {objective for *_, objective in stages} - set(OBJECTIVES):
+        raise argparse.ArgumentTypeError(f"unknown objective {', '.join(sorted(unknown))} in {text!r}; "
+                                         f"choose from {', '.join(OBJECTIVES)}")
     return stages
 
 
@@ -350,13 +373,12 @@ def main() -> None:
     parser.add_argument("--v2-decoder-steps", type=int, default=2500, help="stage 2c: decoder-only on world v2")
     parser.add_argument("--vae-batch-size", type=int, default=16)
     parser.add_argument("--denoiser-stages", type=parse_stages,
-                        default=parse_stages("10000:7e-4,5000:3e-4,5000:2e-4,4000:3e-4"),
-                        help="STEPS:LR,...: each stage a cosine schedule from the previous stage's EMA weights "
-                             "(tiny base v4: the first three, no growth; v3: 6000:7e-4 on world v1)")
+                        default=parse_stages("10000:7e-4,5000:3e-4,5000:2e-4,4000:3e-4,4000:2e-4:v,4000:2e-4:v-floor,"
+                                             "4000:2e-4:v-floor"),
+                        help="STEPS:LR[:OBJECTIVE],...: each stage a cosine schedule from the previous stage's EMA "
+                             "weights (OBJECTIVES; eps if left out). Tiny base v5: the first four; v4: the first "
+                             "three, no growth; v3: 6000:7e-4 on world v1")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon",
-                        help="the denoiser's target (the shipped base: epsilon; train_denoiser says why v)")
-    parser.add_argument("--snr-gamma", type=float, default=5.0, help="min-SNR weighting; 0: none (train_denoiser says when)")
     parser.add_argument("--cross-attn", choices=("8", "all"), default="8",
                         help="8: attention at 8x8 only (the shipped base); all: at 16x16 too "
                              "(pilot P3: no gain in adapter identity, docs/results/pilot-bases.md)")
@@ -398,22 +420,21 @@ def main() -> None:
 
     scenes, render = pretraining_scenes(args.world, args.images, args.seed)
     means, stds = encode(vae, render, args.work_dir / f"latents-{args.world}-seed{args.seed}-{args.images}.pt")
-    for i, (steps, lr) in enumerate(args.denoiser_stages, 1):  # each from the previous stage's EMA weights
+    for i, (steps, lr, objective) in enumerate(args.denoiser_stages, 1):  # each from the previous stage's EMA weights
         if args.third_level_after and i == args.third_level_after + 1:
             torch.manual_seed(args.seed)  # the new blocks' initial weights
             unet = add_third_level(unet)
             print(f"denoiser: grown by a 4x4 level before stage {i}", flush=True)
         stage = time.time()
         train_denoiser(unet, text_encoder, tokenizer, means, stds, vae.config.scaling_factor, scenes, steps, args.batch_size,
-                       lr, args.seed, args.work_dir / f"denoiser-stage{i}.pt", prediction_type=args.prediction_type,
-                       snr_gamma=args.snr_gamma)
+                       lr, args.seed, args.work_dir / f"denoiser-stage{i}.pt", **OBJECTIVES[objective])
         print(f"denoiser stage {i} done ({(time.time() - stage) / 60:.1f} min)", flush=True)
 
     if args.half:  # stock from_pretrained loads these back as float32
         unet.to(torch.float16), vae.to(torch.float16)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=DPMSolverMultistepScheduler(**NOISE_SCHEDULE, prediction_type=args.prediction_type),
+        scheduler=DPMSolverMultistepScheduler(**NOISE_SCHEDULE, prediction_type=OBJECTIVES[objective]["prediction_type"]),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(args.output)
     for name in ("vocab.json", "merges.txt"):  # keep the hand-written sources beside tokenizer.json

@@ -173,7 +173,8 @@ def base_quality(pipe, n: int = 200, seed: int = 0, classifier: IdentityClassifi
                  **generate_kwargs) -> dict[str, float]:
     """Accuracy on prompts whose (shape, colour, background, position) pretraining never saw.
 
-    `all` counts images where shape, object colour and background colour are all right.
+    `all` counts images where shape, object colour and background colour are all right; `column`
+    and `row` split position into its horizontal and vertical halves (chance 1/3 each).
     """
     classifier = classifier or load_identity_classifier()
     scenes = world.heldout_scenes(n, seed)
@@ -182,9 +183,12 @@ def base_quality(pipe, n: int = 200, seed: int = 0, classifier: IdentityClassifi
     shape = np.array([label == s.shape for label, s in zip(read(images), scenes)])
     colour = np.array([object_colour(im) == s.colour for im, s in zip(images, scenes)])
     background = np.array([background_colour(im) == s.background for im, s in zip(images, scenes)])
-    position = np.array([object_position(im) == s.position for im, s in zip(images, scenes)])
+    cells = [(world.POSITIONS.get(object_position(im)), world.POSITIONS[s.position]) for im, s in zip(images, scenes)]
+    column, row = (np.array([found is not None and found[axis] == wanted[axis] for found, wanted in cells])
+                   for axis in (0, 1))
     return {"shape": shape.mean(), "colour": colour.mean(), "background": background.mean(),
-            "position": position.mean(), "all": (shape & colour & background).mean()}
+            "position": (column & row).mean(), "column": column.mean(), "row": row.mean(),
+            "all": (shape & colour & background).mean()}
 
 
 # --------------------------------------------------------------------------- continual learning
