@@ -162,3 +162,17 @@ def test_fold_loras_keeps_every_lora_when_k_holds_them_all(quick_run, tmp_path):
     assert exact["identity_retention"] == 1
     assert (tmp_path / "fold_loras.md").read_text().count("× smaller") == 2
     assert not list(tmp_path.glob("folded-*"))  # the folded files (and their locks) are removed
+
+
+def test_the_guidance_benchmark_measures_each_concept_at_each_scale(tmp_path):
+    """benchmarks/guidance.py on one concept: an identity rate of its n images per scale, and their mean."""
+    from benchmarks import guidance
+
+    concept = world.list_concepts(share_lab.CONCEPTS)[0]
+    shutil.copytree(concept.path, tmp_path / "concepts" / concept.name)
+    summary = guidance.main(["--concepts", str(tmp_path / "concepts"), "--scales", "1", "5", "--images", "4",
+                             "--out", str(tmp_path / "guidance.json")])
+    assert json.loads((tmp_path / "guidance.json").read_text()) == summary
+    rates = summary["per_concept"][concept.name]
+    assert set(rates) == {"1.0", "5.0"} and all(r * 4 == int(r * 4) and 0 <= r <= 1 for r in rates.values())
+    assert summary["mean_identity"] == rates

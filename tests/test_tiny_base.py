@@ -1,5 +1,6 @@
 """The shipped tiny base: loads offline with stock Diffusers, any scheduler, right shapes, small."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -56,6 +57,17 @@ def test_generates_with_any_scheduler(pipe, scheduler_class):
     assert np.isfinite(images).all() and images.std() > 0.05
 
 
+def test_the_base_puts_the_object_where_the_prompt_says(pipe):
+    """Each of the nine position words, in a held-out scene: the object's centre lands in the asked
+    cell of the 3x3 grid (v5 put it where the starting noise did)."""
+    from share_lab import evaluation
+
+    scenes = [dataclasses.replace(world.heldout_scenes(1, seed=i)[0], position=p) for i, p in enumerate(world.POSITIONS)]
+    images = evaluation.generate(pipe, [s.caption() for s in scenes], seed=0, steps=15)
+    found = [evaluation.object_position(image) for image in images]
+    assert sum(f == s.position for f, s in zip(found, scenes)) >= 8, found
+
+
 def test_attention_is_standard_and_wide(pipe):
     attentions = {name: m for name, m in pipe.unet.named_modules() if isinstance(m, Attention)}
     assert len(attentions) >= 6
@@ -108,6 +120,21 @@ def test_a_grown_unet_keeps_every_trained_weight_in_place(pipe):
         script["add_third_level"](pipe.unet)
 
 
+def test_denoiser_stages_name_their_objective_and_bad_ones_are_refused():
+    """--denoiser-stages: "eps" when a stage names no objective; the errors say what is wrong."""
+    import argparse
+    import runpy
+
+    script = runpy.run_path(str(share_lab.ROOT / "train" / "pretrain_tiny_base.py"))
+    parse = script["parse_stages"]
+    assert parse("10:1e-3,5:2e-4:v-floor") == [(10, 1e-3, "eps"), (5, 2e-4, "v-floor")]
+    assert script["OBJECTIVES"]["v-floor"]["prediction_type"] == "v_prediction"
+    for text, error in [("10", "expected STEPS:LR"), ("10:fast", "expected STEPS:LR"), ("10:1e-3:v:x", "expected"),
+                        ("0:1e-3", "positive"), ("10:1e-3:x0", "unknown objective x0")]:
+        with pytest.raises(argparse.ArgumentTypeError, match=error):
+            parse(text)
+
+
 def test_the_pretraining_script_runs_every_stage_and_resumes(tmp_path):
     """A few steps of each stage of the world-v2 recipe write a pipeline stock Diffusers loads (float32,
     from float16 files), with world v2's words as single tokens and the UNet grown by its 4x4 level
@@ -122,8 +149,8 @@ def test_the_pretraining_script_runs_every_stage_and_resumes(tmp_path):
     command = [sys.executable, str(share_lab.ROOT / "train" / "pretrain_tiny_base.py"), "--threads", "1",
                "--work-dir", str(tmp_path / "work"), "--output", str(out), "--vae-images", "48", "--vae-extra-images", "16",
                "--vae-steps", "2", "--decoder-steps", "2", "--v2-decoder-images", "16", "--v2-decoder-steps", "2",
-               "--images", "48", "--denoiser-stages", "3:1e-3,2:1e-4", "--batch-size", "4", "--vae-batch-size", "4",
-               "--prediction-type", "v_prediction", "--snr-gamma", "0", "--third-level-after", "1", "--half"]
+               "--images", "48", "--denoiser-stages", "3:1e-3,2:1e-4:v-floor", "--batch-size", "4",
+               "--vae-batch-size", "4", "--third-level-after", "1", "--half"]
     first = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     assert "grown by a 4x4 level before stage 2" in first
     assert "denoiser stage 2 done" in first and "resumed" not in first
