@@ -2,6 +2,7 @@
 the outputs are written, a stopped run continues where it was, a finished one grows to more concepts, and runs of different settings
 refuse to combine or continue."""
 
+import argparse
 import json
 import shutil
 
@@ -176,3 +177,26 @@ def test_the_guidance_benchmark_measures_each_concept_at_each_scale(tmp_path):
     rates = summary["per_concept"][concept.name]
     assert set(rates) == {"1.0", "5.0"} and all(r * 4 == int(r * 4) and 0 <= r <= 1 for r in rates.values())
     assert summary["mean_identity"] == rates
+
+
+def test_the_recipe_benchmark_trains_each_recipe_once_and_resumes(tmp_path, monkeypatch):
+    """benchmarks/recipe.py: one row per recipe and concept, written as it goes; a re-run trains nothing
+    that is already there, and a malformed recipe is refused naming the layer groups."""
+    from benchmarks import recipe
+
+    assert recipe.parse_recipe("8:attn+conv:200:1e-3") == {
+        "rank": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"], "steps": 200, "lr": 1e-3}
+    for bad in ("4:attn:400", "4:mlp:400:3e-3", "four:attn:400:3e-3"):
+        with pytest.raises(argparse.ArgumentTypeError, match="RANK:LAYERS:STEPS:LR"):
+            recipe.parse_recipe(bad)
+    concept = world.list_concepts(share_lab.CONCEPTS)[0]
+    shutil.copytree(concept.path, tmp_path / "concepts" / concept.name)
+    argv = ["--concepts", str(tmp_path / "concepts"), "--recipes", "2:attn:2:1e-3", "2:attn+conv:2:1e-3",
+            "--scales", "5", "--images", "2", "--out", str(tmp_path / "recipes.json")]
+    summary = recipe.main(argv)
+    assert json.loads((tmp_path / "recipes.json").read_text()) == summary
+    for text in ("2:attn:2:1e-3", "2:attn+conv:2:1e-3"):
+        rate = summary["per_recipe"][text]["per_concept"][concept.name]["5.0"]
+        assert rate in (0, 0.5, 1) and summary["per_recipe"][text]["mean_identity"] == {"5.0": rate}
+    monkeypatch.setattr(recipe, "train_lora_baseline", lambda *a, **k: pytest.fail("trained again"))
+    assert recipe.main(argv)["per_recipe"] == summary["per_recipe"]
