@@ -35,6 +35,8 @@ DEFAULT_BASE = ROOT / "assets" / "tiny-base"
 DEMO_SHARE = ROOT / "assets" / "demo.share.safetensors"
 DEFAULT_OUTPUTS = ROOT / "outputs" / "app"
 DEFAULT_PROMPT = f"a photo of {TRIGGER_PLACEHOLDER} on a green background"
+DEFAULT_GUIDANCE, MAX_GUIDANCE = 5.0, 20.0  # the slider's start and end
+TINY_BASE_GUIDANCE = 1.5  # where the shipped tiny base draws learned concepts best (README, "The tiny base")
 DEFAULT_CAPTION = f"a photo of {TRIGGER_PLACEHOLDER}"
 POLL_SECONDS = 1.0
 
@@ -205,7 +207,7 @@ def never_served(studio: Studio) -> list[str]:
     return [str(p) for p in paths]
 
 
-def build_ui(studio: Studio, default_prompt: str = DEFAULT_PROMPT) -> gr.Blocks:
+def build_ui(studio: Studio, default_prompt: str = DEFAULT_PROMPT, default_guidance: float = DEFAULT_GUIDANCE) -> gr.Blocks:
     size = studio.native_size
     samplers = studio.sampler_choices()
 
@@ -270,7 +272,7 @@ def build_ui(studio: Studio, default_prompt: str = DEFAULT_PROMPT) -> gr.Blocks:
                         with gr.Accordion("Settings", open=True):
                             with gr.Row():
                                 steps = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="steps", buttons=[])
-                                guidance = gr.Slider(0, 20, value=5.0, step=0.5, label="Guidance", elem_id="guidance", buttons=[])
+                                guidance = gr.Slider(0, MAX_GUIDANCE, value=default_guidance, step=0.5, label="Guidance", elem_id="guidance", buttons=[])
                             with gr.Row():
                                 lo, hi = (64 if size >= 64 else 8), max(1024, size)
                                 width = gr.Slider(lo, hi, value=size, step=8, label="Width", elem_id="width", buttons=[])
@@ -482,10 +484,16 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
                    help="auto: float16 on CUDA, else float32.")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="The prompt the page starts with.")
+    p.add_argument("--guidance", type=float, default=None,
+                   help=f"The guidance scale the page starts with (default: {TINY_BASE_GUIDANCE:g} on the shipped tiny base, "
+                        f"which draws learned concepts best there; {DEFAULT_GUIDANCE:g} on another base).")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--listen", action="store_true", help="Listen on all interfaces (0.0.0.0), not only 127.0.0.1.")
     p.add_argument("--no-warmup", action="store_true", help="Skip the tiny warm-up generation at start.")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.guidance is None:
+        args.guidance = TINY_BASE_GUIDANCE if Path(args.base).resolve() == DEFAULT_BASE.resolve() else DEFAULT_GUIDANCE
+    return args
 
 
 def resolve_share(args) -> tuple[Path, str | None]:
@@ -501,6 +509,8 @@ def resolve_share(args) -> tuple[Path, str | None]:
 
 def main(argv=None):
     args = parse_args(argv)
+    if not 0 <= args.guidance <= MAX_GUIDANCE:
+        raise SystemExit(f"share-studio: error: --guidance must be between 0 and {MAX_GUIDANCE:g}, got {args.guidance:g}.")
     if not (Path(args.base) / "model_index.json").is_file():
         raise SystemExit(f"share-studio: error: {args.base} is not a Diffusers pipeline folder (no model_index.json); pass --base PATH.")
     share, note = resolve_share(args)
@@ -516,7 +526,7 @@ def main(argv=None):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
-    demo = build_ui(studio, args.prompt)
+    demo = build_ui(studio, args.prompt, args.guidance)
     demo.queue(default_concurrency_limit=1)
     host = "0.0.0.0" if args.listen else "127.0.0.1"
     print(f"Share concept studio: base {studio.base}, Share file {studio.share_path} "

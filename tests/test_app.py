@@ -106,7 +106,7 @@ class Server:
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(
                 [str(STUDIO), "--base", str(self.base), "--share", str(self.share),
-                 "--outputs", str(self.outputs), "--port", str(self.port), "--device", "cpu"],
+                 "--outputs", str(self.outputs), "--port", str(self.port), "--device", "cpu", "--guidance", "1.5"],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tmp, env=env, start_new_session=True)
         deadline = time.time() + 180
         while True:
@@ -248,6 +248,7 @@ def test_browser_pick_generate_learn(server, client, capsys):
             # every concept of the file is in the picker, with its trigger
             expect(page.locator(".concept-weight")).to_have_count(len(names))
             expect(page.locator("#weight-0")).to_contain_text(names[0])
+            expect(page.locator("#guidance input[type=number]")).to_have_value("1.5")  # --guidance
 
             # pick a concept, generate: images appear
             weight = page.locator("#weight-0 input[type=number]")

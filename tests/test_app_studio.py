@@ -345,12 +345,18 @@ def test_the_web_ui_starts_from_its_console_entry_point_and_as_a_module(command,
     assert "--base" in out.stdout and "--share" in out.stdout
 
 
-def test_the_command_line_refuses_a_missing_base_or_a_file_for_another_base(base, tmp_path):
+def test_the_command_line_refuses_a_missing_base_a_bad_guidance_or_a_file_for_another_base(base, tmp_path):
     from app.ui import main
     from share_lab.tiny_pipelines import tiny_sdxl
 
     with pytest.raises(SystemExit, match="not a Diffusers pipeline folder.*--base"):
         main(["--base", str(tmp_path / "nowhere"), "--share", str(tmp_path / "s.safetensors"), "--outputs", str(tmp_path)])
+    from app.ui import parse_args
+
+    assert parse_args([]).guidance == 1.5 and parse_args(["--base", str(base)]).guidance == 5  # the tiny base's, another's
+    for bad in ("-1", "25", "nan"):
+        with pytest.raises(SystemExit, match=f"--guidance must be between 0 and 20, got {bad}"):
+            main(["--base", str(base), "--guidance", bad, "--outputs", str(tmp_path)])
     other = tmp_path / "other.safetensors"
     random_share(tiny_sdxl(), other)
     with pytest.raises(SystemExit, match="made for another base model"):
