@@ -196,7 +196,7 @@ class ShareLearner(Learner):
                    "--max_train_steps", str(self.args.steps), "--train_batch_size", str(self.args.batch_size),
                    "--learning_rate", str(self.lr), "--center_crop", "--report_to", "none", "--num_validation_images", "1",
                    "--num_heldout_images", "0",  # held-out losses are this benchmark's own measurement
-                   "--seed", str(self.args.seed), *self.args.share_args.split()]
+                   "--target_modules", *baselines.LORA_TARGETS, "--seed", str(self.args.seed), *self.args.share_args.split()]
             result = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
             if result.returncode:
                 raise RuntimeError(f"learn_concept.py failed on {concept.name}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
@@ -407,7 +407,8 @@ LEARNERS = {"share": ShareLearner, "naive": NaiveLora, "merge": MergedLoras, "or
 def settings(args, concepts) -> dict:
     """What a run's results depend on: a restart must have the same."""
     return {"concepts": [c.name for c in concepts], "steps": args.steps, "batch_size": args.batch_size, "heldout_images": args.heldout_images,
-            "lora_rank": args.lora_rank, "share_args": args.share_args, "seed": args.seed, "base": args.base}
+            "lora_rank": args.lora_rank, "targets": baselines.LORA_TARGETS, "share_args": args.share_args, "seed": args.seed,
+            "base": args.base}
 
 
 def rows_to_score(method: str, i: int, T: int, eval_every: int) -> list[int]:
@@ -659,7 +660,7 @@ def read_run(run: str) -> dict:
 
 def combine(parts: list[dict]) -> dict:
     """One summary from runs of different methods with the same settings (refused otherwise)."""
-    same = ("concepts", "steps", "batch_size", "images", "lora_rank", "share_args", "base_losses")
+    same = ("concepts", "steps", "batch_size", "images", "lora_rank", "targets", "share_args", "base_losses")
     for part in parts[1:]:
         differ = [k for k in same if part.get(k) != parts[0].get(k)]
         if differ:

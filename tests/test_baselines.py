@@ -32,7 +32,7 @@ def run(unet, seed=0):
 def test_merging_the_deltas_reproduces_the_adapter(unet):
     with_adapter = run(unet)
     deltas = baselines.lora_deltas(unet, "new")
-    assert len(deltas) == 24
+    assert len(deltas) == 24 + 18  # the attention projections and the ResNet convolutions
     unet.delete_adapters("new")
     assert not torch.allclose(run(unet), with_adapter, atol=1e-4)  # the adapter mattered
     baselines.add_to_weights(unet, deltas)
@@ -61,8 +61,8 @@ def test_orthogonal_init_is_orthogonal_to_the_earlier_adapter_column_by_column(u
     previous = {n: m.lora_A["new"].weight.detach().clone() for n, m in baselines.lora_layers(unet, "new").items()}
     baselines.orthogonal_init(unet, "new", previous)
     for name, layer in baselines.lora_layers(unet, "new").items():
-        A = layer.lora_A["new"].weight
-        torch.testing.assert_close((A * previous[name]).sum(0), torch.zeros(A.shape[1]), atol=1e-5, rtol=0)
+        A = layer.lora_A["new"].weight.flatten(1)  # a convolution's: its patch flattened
+        torch.testing.assert_close((A * previous[name].flatten(1)).sum(0), torch.zeros(A.shape[1]), atol=1e-5, rtol=0)
         torch.testing.assert_close(A.norm(dim=0), torch.ones(A.shape[1]))
         assert layer.lora_B["new"].weight.abs().sum() == 0
 
@@ -71,3 +71,25 @@ def test_magnitude_merge_keeps_the_larger_entry_ties_to_the_new():
     old = torch.tensor([1.0, -3.0, 2.0, 0.0])
     new = torch.tensor([-2.0, 1.0, 2.0, 0.5])
     assert baselines.magnitude_merge(old, new).tolist() == [-2.0, -3.0, 2.0, 0.5]
+
+
+def test_a_recipe_lora_saved_for_diffusers_loads_every_layer(tmp_path):
+    """The reference recipe's LoRA (attention and convolutions) through save_lora_weights and stock
+    load_lora_weights gives what the trained adapter gave (Diffusers' old-format renaming of only the
+    attention keys would drop them on load)."""
+    from diffusers import StableDiffusionPipeline
+
+    from share_diffusers.training import read_instance_images
+    from share_lab import world
+
+    concept = world.list_concepts(share_lab.CONCEPTS)[0]
+    pipe = StableDiffusionPipeline.from_pretrained(share_lab.TINY_BASE, local_files_only=True)
+    before = run(pipe.unet)
+    state = baselines.train_lora_baseline(pipe, "recipe", read_instance_images(concept.path / "train", None), 2, 1e-2)
+    trained = run(pipe.unet)
+    assert not torch.allclose(trained, before, atol=1e-4)
+    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=state)
+    loaded = StableDiffusionPipeline.from_pretrained(share_lab.TINY_BASE, local_files_only=True)
+    loaded.load_lora_weights(tmp_path)
+    assert len(baselines.lora_layers(loaded.unet, "default_0")) == 24 + 18
+    torch.testing.assert_close(run(loaded.unet), trained, atol=1e-5, rtol=1e-5)

@@ -2,8 +2,9 @@
 """Make ``assets/demo.share.safetensors``, the Share file the web UI starts with.
 
 Learns ``--concepts`` (four concepts of world v2, one per layout: outlined, split, striped, dotted) one after another with
-``train/learn_concept.py`` (default settings) into a work folder, then copies the final file into
-``assets/``. Deterministic given the same base model, seed and software versions.
+``train/learn_concept.py`` (default settings, on the reference recipe's layers: attention projections
+and ResNet convolutions, `share_lab.baselines.LORA_TARGETS`) into a work folder, then copies the final
+file into ``assets/``; concepts learned into it later (the web UI) keep those layers, which the file stores. Deterministic given the same base model, seed and software versions.
 
     python train/make_demo_share.py            # 4 concepts, about 30-45 s per concept on a 2-core CPU
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 import share_lab
 from share_diffusers import read_share
 from share_lab import world
+from share_lab.baselines import LORA_TARGETS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,7 +39,8 @@ def main(argv=None):
         print(f"== learning {concept.name} ({concept.trigger})", flush=True)
         subprocess.run([sys.executable, str(ROOT / "train" / "learn_concept.py"), "--pretrained_model_name_or_path", args.base,
                         "--instance_data_dir", str(concept.path / "train"), "--share_path", str(share),
-                        "--output_dir", str(work / "runs" / concept.name), "--report_to", "none", *learn_args], check=True)
+                        "--output_dir", str(work / "runs" / concept.name), "--report_to", "none",
+                        "--target_modules", *LORA_TARGETS, *learn_args], check=True)
     shutil.copyfile(share, args.out)
     state, _ = read_share(args.out)
     print(f"Wrote {args.out}: {', '.join(state.names)} ({Path(args.out).stat().st_size / 1024:.0f} KiB)")

@@ -15,19 +15,19 @@ from diffusers.utils import make_image_grid
 from PIL import ImageDraw
 
 import share_diffusers  # noqa: F401  (adds pipe.load_share)
-
-ROOT = Path(__file__).resolve().parent.parent
+import share_lab
+from share_lab.evaluation import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 CONTEXTS = [("blue", "center"), ("white", "top left"), ("green", "bottom right"), ("black", "top right")]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", default=str(ROOT / "assets" / "tiny-base"))
+    p.add_argument("--base", default=str(share_lab.TINY_BASE))
     p.add_argument("--share", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance_scale", type=float, default=5.0)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    p.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE, help="the tiny base's (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 

@@ -1,9 +1,10 @@
 """Train the reference LoRA of every concept and store the numbers that normalise its score.
 
 Why: the held-out score of a concept is (L_base - L) / (L_base - L_ref), where L_ref is the
-held-out loss of an independently trained per-concept PEFT LoRA (rank 4, lora_alpha 4, on
-to_q/to_k/to_v/to_out.0 of the UNet, DreamBooth-style without prior preservation, trained by
-share_lab.baselines.train_lora_baseline: learn_concept.py's data, loss, steps and batch). This script
+held-out loss of an independently trained per-concept PEFT LoRA (rank 4, lora_alpha 4, on the
+UNet's attention projections and ResNet convolutions, share_lab.baselines.LORA_TARGETS; DreamBooth-
+style without prior preservation, trained by share_lab.baselines.train_lora_baseline with
+learn_concept.py's data, loss, steps and batch). This script
 trains it, measures L_base and L_ref (share_lab.evaluation.heldout_loss) and how well each
 model generates the concept, and writes them into the concept's concept.json under "evaluation",
 so that tests and benchmarks never retrain it. Each LoRA is saved with save_lora_weights into

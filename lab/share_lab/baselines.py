@@ -22,7 +22,6 @@ from one concept to the next:
 from __future__ import annotations
 
 import torch
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
@@ -30,19 +29,24 @@ from peft.utils import get_peft_model_state_dict
 from share_diffusers.targets import PROJECTIONS
 from share_diffusers.training import Example, train_in_process
 
-LORA_TARGETS = list(PROJECTIONS["unet"])  # what Diffusers' train_dreambooth_lora.py targets
+# The layers of the reference recipe, and of every method the benchmarks compare (Share included):
+# the attention projections Diffusers' train_dreambooth_lora.py targets, plus the ResNet blocks' 3×3
+# conv1/conv2, as LoCon adapts them. The tiny base has no attention at its 16×16 level, where outlines,
+# dots and stripes are drawn; with the convolutions the same 400 steps draw a concept about 20 points
+# more often (benchmarks/recipe.py, docs/results/recipes-v6.json).
+LORA_TARGETS = [*PROJECTIONS["unet"], "conv1", "conv2"]
 
 
 def train_lora_baseline(pipe, adapter_name: str, examples: list[Example], steps: int, lr: float, batch_size: int = 4,
                         rank: int = 4, seed: int = 0, center_crop: bool = True,
                         target_modules: list[str] = LORA_TARGETS, penalty=None) -> dict[str, torch.Tensor]:
-    """Train a PEFT LoRA (``lora_alpha = rank``) on the UNet's attention projections, the yardstick
-    Share is measured against; returns its state dict in Diffusers format (``save_lora_weights``).
+    """Train a PEFT LoRA (``lora_alpha = rank``) on the recipe's layers (`LORA_TARGETS`), the yardstick
+    Share is measured against; returns its state dict for ``save_lora_weights``.
 
     Same data pipeline, loss, batch size, optimizer and clipping as ``learn_concept.py``. A new
     adapter is added, or an existing ``adapter_name`` keeps training (naive sequential fine-tuning).
-    The base stays frozen and the adapter stays active on ``pipe``. ``target_modules`` other than
-    the attention projections are for measuring what an adapter can reach (train/pilot_bases.py).
+    The base stays frozen and the adapter stays active on ``pipe``. Other ``target_modules`` are for
+    measuring what an adapter can reach (train/pilot_bases.py, benchmarks/recipe.py).
     ``penalty()`` is added to every step's loss (C-LoRA).
     """
     unet = pipe.unet
@@ -56,7 +60,9 @@ def train_lora_baseline(pipe, adapter_name: str, examples: list[Example], steps:
     train_in_process(pipe, params, examples, steps, lr, batch_size=batch_size, seed=seed, center_crop=center_crop, penalty=penalty)
     for p in params:
         p.requires_grad_(False)
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
+    # PEFT's keys, which save_lora_weights / load_lora_weights take as they are. (convert_state_dict_to_diffusers
+    # would rename only the attention keys to the old format, and load_lora_weights then skips them, with a warning.)
+    return get_peft_model_state_dict(unet, adapter_name=adapter_name)
 
 
 def add_lora(unet, adapter_name: str, rank: int = 4, seed: int = 0, target_modules=LORA_TARGETS) -> None:
@@ -103,8 +109,9 @@ def orthogonal_init(unet, adapter_name: str, previous_A: dict[str, torch.Tensor]
     """Set the adapter's A so that its column j is a unit vector orthogonal to column j of the
     previous (summed) A, and B = 0 (luk-st/continual-lora's ``init_lora_with_checkpoint_rotate``)."""
     for name, layer in lora_layers(unet, adapter_name).items():
-        A = layer.lora_A[adapter_name].weight  # r x in
-        for j, v in enumerate(previous_A[name].to(A).T):  # v: column j, in R^r
+        weight = layer.lora_A[adapter_name].weight
+        A = weight.view(len(weight), -1)  # r x in (a convolution's in: its patch, in_channels · kh · kw)
+        for j, v in enumerate(previous_A[name].to(A).reshape(A.shape).T):  # v: column j, in R^r
             A[:, j] = torch.linalg.svd(v[None])[2][-1]  # the last right-singular vector: ⟂ v, unit
         layer.lora_B[adapter_name].weight.zero_()
 
