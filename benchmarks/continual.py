@@ -316,7 +316,7 @@ class MergedLoras(Learner):
 
     def lora_params_of_rank(self) -> int:
         r = self.args.lora_rank
-        return sum(r * sum(t.shape) for t in self.tau.values())
+        return sum(r * (len(t) + t[0].numel()) for t in self.tau.values())  # B: out x r, A: r x in (a conv's: its patch)
 
 
 class MagnitudeMerge(MergedLoras):
@@ -360,7 +360,9 @@ class OrthogonalLoras(Learner):
         save_file({f"{n}.{side}": t for n, ab in new.items() for side, t in zip("AB", ab)}, self.checkpoint(i + 1))
 
     def fuse(self, factors, sign: float) -> None:
-        baselines.add_to_weights(self.unet, {n: b @ a for n, (a, b) in factors.items()}, sign)  # lora_alpha = rank: scale 1
+        deltas = {n: (b.flatten(1) @ a.flatten(1)).view(len(b), *a.shape[1:])  # a conv's A: r x in x kh x kw
+                  for n, (a, b) in factors.items()}
+        baselines.add_to_weights(self.unet, deltas, sign)  # lora_alpha = rank: scale 1
 
     def restore(self, concepts):
         if concepts:

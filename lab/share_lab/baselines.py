@@ -83,7 +83,8 @@ def lora_layers(unet, adapter_name: str) -> dict[str, LoraLayer]:
 
 def lora_deltas(unet, adapter_name: str) -> dict[str, torch.Tensor]:
     """ΔW = scale · B A of every layer the adapter changes."""
-    return {name: m.get_delta_weight(adapter_name).detach().clone() for name, m in lora_layers(unet, adapter_name).items()}
+    return {name: m.get_delta_weight(adapter_name).detach().clone(memory_format=torch.contiguous_format)  # a conv's is strided
+            for name, m in lora_layers(unet, adapter_name).items()}
 
 
 def base_weights(unet, names) -> dict[str, torch.Tensor]:
