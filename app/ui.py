@@ -272,7 +272,8 @@ def build_ui(studio: Studio, default_prompt: str = DEFAULT_PROMPT, default_guida
                         with gr.Accordion("Settings", open=True):
                             with gr.Row():
                                 steps = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="steps", buttons=[])
-                                guidance = gr.Slider(0, MAX_GUIDANCE, value=default_guidance, step=0.5, label="Guidance", elem_id="guidance", buttons=[])
+                                guidance = gr.Slider(0, MAX_GUIDANCE, value=default_guidance, step=0.5, label="Guidance",
+                                                     elem_id="guidance", buttons=[])
                             with gr.Row():
                                 lo, hi = (64 if size >= 64 else 8), max(1024, size)
                                 width = gr.Slider(lo, hi, value=size, step=8, label="Width", elem_id="width", buttons=[])

@@ -40,7 +40,7 @@ def parse_recipe(text: str) -> dict:
         return {"rank": int(rank), "target_modules": targets, "steps": int(steps), "lr": float(lr)}
     except (ValueError, KeyError) as error:
         raise argparse.ArgumentTypeError(
-            f"a recipe is RANK:LAYERS:STEPS:LR with LAYERS from {sorted(LAYER_GROUPS)} joined by '+', got {text!r} ({error})")
+            f"a recipe is RANK:LAYERS:STEPS:LR with LAYERS from {sorted(LAYER_GROUPS)} joined by '+', got {text!r} ({error})") from None
 
 
 def main(argv: list[str] | None = None) -> dict:

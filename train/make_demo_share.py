@@ -4,9 +4,10 @@
 Learns ``--concepts`` (four concepts of world v2, one per layout: outlined, split, striped, dotted) one after another with
 ``train/learn_concept.py`` (default settings, on the reference recipe's layers: attention projections
 and ResNet convolutions, `share_lab.baselines.LORA_TARGETS`) into a work folder, then copies the final
-file into ``assets/``; concepts learned into it later (the web UI) keep those layers, which the file stores. Deterministic given the same base model, seed and software versions.
+file into ``assets/``; concepts learned into it later (the web UI) keep those layers, which the file
+stores. Deterministic given the same base model, seed and software versions.
 
-    python train/make_demo_share.py            # 4 concepts, about 30-45 s per concept on a 2-core CPU
+    python train/make_demo_share.py            # 4 concepts, about 2 min per concept on 1 CPU thread beside other jobs
 """
 
 import argparse
