@@ -6,8 +6,9 @@ with the same seed and data (`share_lab.baselines.train_lora_baseline`) and gene
 held-out prompts and seeds at each guidance scale. Results go to --out after every (recipe, concept),
 and a re-run skips what is there, so an interrupted sweep continues.
 
-A recipe is RANK:LAYERS:STEPS:LR, LAYERS a '+'-joined list of groups: attn (to_q/k/v/out.0, the shipped
-recipe), proj (proj_in/out), ff (the feed-forward), conv (the ResNet blocks' conv1/conv2, LoCon-style).
+A recipe is RANK:LAYERS:STEPS:LR, LAYERS a '+'-joined list of groups: attn (to_q/k/v/out.0), proj
+(proj_in/out), ff (the feed-forward), conv (the ResNet blocks' conv1/conv2, LoCon-style). The shipped
+recipe (share_lab.baselines.LORA_TARGETS) is 4:attn+conv:400:3e-3.
 
     python benchmarks/recipe.py --recipes 4:attn:400:3e-3 4:attn+conv:400:3e-3 --every 2 \
         --scales 1.5 2.5 5 --images 24 --out docs/results/recipes-v6.json
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--every", type=int, default=1, help="take every n-th shipped concept (an unbiased subset)")
     parser.add_argument("--recipes", nargs="+", required=True)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--scales", type=float, nargs="+", default=[2.5, 5.0])
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.5, 2.5, 5.0])
     parser.add_argument("--images", type=int, default=24, help="generated images per concept and scale")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
