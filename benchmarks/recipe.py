@@ -27,10 +27,10 @@ import share_lab
 from share_diffusers.targets import LORA_EXTRA, PROJECTIONS
 from share_diffusers.training import read_instance_images
 from share_lab import evaluation, world
-from share_lab.baselines import train_lora_baseline
+from share_lab.baselines import RESNET_CONVS, train_lora_baseline
 
 LAYER_GROUPS = {"attn": PROJECTIONS["unet"], "proj": LORA_EXTRA["unet"][:2], "ff": LORA_EXTRA["unet"][2:],
-                "conv": ("conv1", "conv2")}
+                "conv": RESNET_CONVS}
 
 
 def parse_recipe(text: str) -> dict:

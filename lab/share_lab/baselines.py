@@ -34,7 +34,8 @@ from share_diffusers.training import Example, train_in_process
 # conv1/conv2, as LoCon adapts them. The tiny base has no attention at its 16×16 level, where outlines,
 # dots and stripes are drawn; with the convolutions the same 400 steps draw a concept about 20 points
 # more often (benchmarks/recipe.py, docs/results/recipes-v6.json).
-LORA_TARGETS = [*PROJECTIONS["unet"], "conv1", "conv2"]
+RESNET_CONVS = ("conv1", "conv2")
+LORA_TARGETS = [*PROJECTIONS["unet"], *RESNET_CONVS]
 
 
 def train_lora_baseline(pipe, adapter_name: str, examples: list[Example], steps: int, lr: float, batch_size: int = 4,
