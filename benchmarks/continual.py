@@ -81,7 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--concepts", type=int, default=10, help="how many, in the order of --concepts_dir")
     p.add_argument("--concepts_dir", nargs="+", default=[str(share_lab.CONCEPTS)],
                    help="folders of concept folders (train/make_concepts.py), taken in the order given, each in name order")
-    p.add_argument("--steps", type=int, default=400, help="training steps per concept, every method")
+    p.add_argument("--steps", type=int, default=baselines.RECIPE_STEPS, help="training steps per concept, every method")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--heldout_images", type=int, default=20, help="held-out images per concept for the score")
     p.add_argument("--lora_rank", type=int, default=4)
@@ -688,17 +688,7 @@ def compare(specs: list[str]) -> str:
     (a, ra), (b, rb) = (method_of(spec) for spec in specs)
     if (a["concepts"], a["images"]) != (b["concepts"], b["images"]) or "identity" not in ra or "identity" not in rb:
         raise SystemExit("--compare: the runs differ in their concepts or identity images; only like for like compares.")
-    return f"{specs[0]} − {specs[1]}: identity accuracy {identity_gaps(ra['identity'], rb['identity'], a['images'])}"
-
-
-def identity_gaps(a, b, n: int) -> str:
-    """Per-concept identity differences a − b in points, each with the 95% sampling interval of n images."""
-    a, b = np.array(a), np.array(b)
-    gaps = 100 * (a - b)
-    noise = 100 * 1.96 * np.sqrt((a * (1 - a) + b * (1 - b)) / n)  # 95% interval of a difference of two rates
-    return (f"{gaps.mean():+.0f} points on average; per concept {(abs(gaps) <= 5).sum()} of {len(gaps)} within 5 points, "
-            f"{(abs(gaps) <= noise).sum()} within their 95% sampling interval at {n} images each (differences "
-            f"{', '.join(f'{g:+.0f}±{h:.0f}' for g, h in zip(gaps, noise))}).")
+    return f"{specs[0]} − {specs[1]}: identity accuracy {evaluation.identity_gaps(ra['identity'], rb['identity'], a['images'])}"
 
 
 def hardware() -> str:
@@ -735,7 +725,7 @@ def table(summary: dict) -> str:
         if ref:
             line = f"Share / independent LoRA: average score {s['average_score'] / ref['average_score']:.2f}×"
             if "identity" in s and "identity" in ref:
-                line += f", identity accuracy {identity_gaps(s['identity'], ref['identity'], summary['images'])}"
+                line += f", identity accuracy {evaluation.identity_gaps(s['identity'], ref['identity'], summary['images'])}"
             notes.append(line if line.endswith(".") else line + ".")
     return "\n".join(rows + [""] + notes) + "\n"
 

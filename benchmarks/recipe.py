@@ -6,8 +6,9 @@ with the same seed and data (`share_lab.baselines.train_lora_baseline`) and gene
 held-out prompts and seeds at each guidance scale. Results go to --out after every (recipe, concept),
 and a re-run skips what is there, so an interrupted sweep continues.
 
-A recipe is RANK:LAYERS:STEPS:LR, LAYERS a '+'-joined list of groups: attn (to_q/k/v/out.0), proj
-(proj_in/out), ff (the feed-forward), conv (the ResNet blocks' conv1/conv2, LoCon-style). The shipped
+A recipe is RANK:LAYERS:STEPS:LR[:SCHEDULE], LAYERS a '+'-joined list of groups: attn (to_q/k/v/out.0), proj
+(proj_in/out), ff (the feed-forward), conv (the ResNet blocks' conv1/conv2, LoCon-style), SCHEDULE a
+Diffusers learning-rate schedule (default constant, as learn_concept.py's). The shipped
 recipe (share_lab.baselines.LORA_TARGETS) is 4:attn+conv:400:3e-3.
 
     python benchmarks/recipe.py --recipes 4:attn:400:3e-3 4:attn+conv:400:3e-3 --every 2 \
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
+from diffusers.optimization import SchedulerType
 
 import share_lab
 from share_diffusers.targets import LORA_EXTRA, PROJECTIONS
@@ -31,17 +33,21 @@ from share_lab.baselines import RESNET_CONVS, train_lora_baseline
 
 LAYER_GROUPS = {"attn": PROJECTIONS["unet"], "proj": LORA_EXTRA["unet"][:2], "ff": LORA_EXTRA["unet"][2:],
                 "conv": RESNET_CONVS}
+SCHEDULES = [s.value for s in SchedulerType]
 
 
 def parse_recipe(text: str) -> dict:
-    """'4:attn+conv:400:3e-3' -> rank, target_modules, steps, lr."""
+    """'4:attn+conv:400:3e-3[:cosine]' -> rank, target_modules, steps, lr, lr_scheduler."""
     try:
-        rank, layers, steps, lr = text.split(":")
+        rank, layers, steps, lr, *schedule = text.split(":")
         targets = [t for group in layers.split("+") for t in LAYER_GROUPS[group]]
-        return {"rank": int(rank), "target_modules": targets, "steps": int(steps), "lr": float(lr)}
+        (schedule,) = schedule or ["constant"]
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
+        return {"rank": int(rank), "target_modules": targets, "steps": int(steps), "lr": float(lr), "lr_scheduler": schedule}
     except (ValueError, KeyError) as error:
         raise argparse.ArgumentTypeError(
-            f"a recipe is RANK:LAYERS:STEPS:LR with LAYERS from {sorted(LAYER_GROUPS)} joined by '+', got {text!r} ({error})") from None
+            f"a recipe is RANK:LAYERS:STEPS:LR[:SCHEDULE] with LAYERS from {sorted(LAYER_GROUPS)} joined by '+', got {text!r} ({error})") from None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -71,7 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
             pipe = StableDiffusionPipeline.from_pretrained(args.base, local_files_only=True)
             pipe.set_progress_bar_config(disable=True)
             train_lora_baseline(pipe, "recipe", read_instance_images(concept.path / "train", None), recipe["steps"],
-                                recipe["lr"], rank=recipe["rank"], seed=args.seed, target_modules=recipe["target_modules"])
+                                recipe["lr"], rank=recipe["rank"], seed=args.seed, target_modules=recipe["target_modules"],
+                                lr_scheduler=recipe.get("lr_scheduler", "constant"))
             trained = time.time() - start
             rows["per_concept"][concept.name] = {
                 str(scale): evaluation.generation_metrics(pipe, concept, classifier, n=args.images,

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 from PIL import Image, ImageOps
 
@@ -308,7 +309,7 @@ def steps_per_epoch(num_batches: int, accumulation: int) -> int:
 def train_in_process(pipe, params: list[torch.nn.Parameter], examples: list[Example], steps: int, lr: float,
                      batch_size: int = 4, seed: int = 0, center_crop: bool = True, max_grad_norm: float = 1.0,
                      penalty: Callable[[], torch.Tensor] | None = None, resolution: int | None = None,
-                     flow: FlowMatching | None = None) -> None:
+                     flow: FlowMatching | None = None, lr_scheduler: str = "constant") -> None:
     """A few hundred steps of ``params`` on ``pipe``'s UNet or transformer, in this process, without Accelerate.
 
     For trainings that run inside another program: the LoRA baselines of the benchmarks and the
@@ -317,7 +318,8 @@ def train_in_process(pipe, params: list[torch.nn.Parameter], examples: list[Exam
     the flow-matching objective: ``flow``, or the pipeline's defaults); every random draw comes from
     ``seed``, so a rerun gives the same result. ``penalty()``, if given, is added to every step's loss
     (a regulariser of the trained parameters, e.g. C-LoRA's). ``resolution``: default, the UNet's
-    native size; a transformer pipeline's default sample size.
+    native size; a transformer pipeline's default sample size. ``lr_scheduler``: a name Diffusers'
+    ``get_scheduler`` knows (``learn_concept.py --lr_scheduler``), without warmup.
     """
     if denoiser(pipe) == "transformer":
         flow = flow or FlowMatching(pipe)
@@ -328,6 +330,7 @@ def train_in_process(pipe, params: list[torch.nn.Parameter], examples: list[Exam
                                          generator=torch.Generator().manual_seed(seed))
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config) if flow is None else None
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = get_scheduler(lr_scheduler, optimizer, num_warmup_steps=0, num_training_steps=steps)
     generator = torch.Generator().manual_seed(seed)
     step, epoch = 0, 0
     while step < steps:
@@ -347,6 +350,7 @@ def train_in_process(pipe, params: list[torch.nn.Parameter], examples: list[Exam
             (loss if penalty is None else loss + penalty()).backward()
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
+            schedule.step()
             optimizer.zero_grad()
             step += 1
             if step == steps:

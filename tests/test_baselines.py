@@ -93,3 +93,25 @@ def test_a_recipe_lora_saved_for_diffusers_loads_every_layer(tmp_path):
     loaded.load_lora_weights(tmp_path)
     assert len(baselines.lora_layers(loaded.unet, "default_0")) == 24 + 18
     torch.testing.assert_close(run(loaded.unet), trained, atol=1e-5, rtol=1e-5)
+
+
+def test_the_learning_rate_schedule_is_applied_step_by_step():
+    """train_lora_baseline(lr_scheduler=...): a cosine schedule's first step is the constant one's (full
+    rate), its second is not; an unknown schedule is refused by Diffusers' get_scheduler."""
+    from diffusers import StableDiffusionPipeline
+
+    from share_diffusers.training import read_instance_images
+    from share_lab import world
+
+    examples = read_instance_images(world.list_concepts(share_lab.CONCEPTS)[0].path / "train", None)
+
+    def trained(steps, schedule):
+        pipe = StableDiffusionPipeline.from_pretrained(share_lab.TINY_BASE, local_files_only=True)
+        return baselines.train_lora_baseline(pipe, "s", examples, steps, 1e-2, batch_size=2, lr_scheduler=schedule)
+
+    constant, cosine = trained(1, "constant"), trained(1, "cosine")
+    assert all(torch.equal(constant[n], cosine[n]) for n in constant)
+    constant, cosine = trained(2, "constant"), trained(2, "cosine")
+    assert any(not torch.equal(constant[n], cosine[n]) for n in constant)
+    with pytest.raises(ValueError):
+        trained(1, "bogus")

@@ -185,8 +185,10 @@ def test_the_recipe_benchmark_trains_each_recipe_once_and_resumes(tmp_path, monk
     from benchmarks import recipe
 
     assert recipe.parse_recipe("8:attn+conv:200:1e-3") == {
-        "rank": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"], "steps": 200, "lr": 1e-3}
-    for bad in ("4:attn:400", "4:mlp:400:3e-3", "four:attn:400:3e-3"):
+        "rank": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"], "steps": 200, "lr": 1e-3,
+        "lr_scheduler": "constant"}
+    assert recipe.parse_recipe("4:attn:800:3e-3:cosine")["lr_scheduler"] == "cosine"
+    for bad in ("4:attn:400", "4:mlp:400:3e-3", "four:attn:400:3e-3", "4:attn:400:3e-3:sometimes", "4:attn:400:3e-3:cosine:x"):
         with pytest.raises(argparse.ArgumentTypeError, match="RANK:LAYERS:STEPS:LR"):
             recipe.parse_recipe(bad)
     concept = world.list_concepts(share_lab.CONCEPTS)[0]

@@ -33,14 +33,17 @@ from share_diffusers.training import Example, train_in_process
 # the attention projections Diffusers' train_dreambooth_lora.py targets, plus the ResNet blocks' 3×3
 # conv1/conv2, as LoCon adapts them. The tiny base has no attention at its 16×16 level, where outlines,
 # dots and stripes are drawn; with the convolutions the same 400 steps draw a concept about 20 points
-# more often (benchmarks/recipe.py, docs/results/recipes-v6.json).
+# more often, and 800 steps draw the one concept 400 missed, a thin outline, (benchmarks/recipe.py,
+# docs/results/recipes-v6.json). Every method is trained for RECIPE_STEPS per concept, Share included.
 RESNET_CONVS = ("conv1", "conv2")
 LORA_TARGETS = [*PROJECTIONS["unet"], *RESNET_CONVS]
+RECIPE_STEPS = 800
 
 
 def train_lora_baseline(pipe, adapter_name: str, examples: list[Example], steps: int, lr: float, batch_size: int = 4,
                         rank: int = 4, seed: int = 0, center_crop: bool = True,
-                        target_modules: list[str] = LORA_TARGETS, penalty=None) -> dict[str, torch.Tensor]:
+                        target_modules: list[str] = LORA_TARGETS, penalty=None,
+                        lr_scheduler: str = "constant") -> dict[str, torch.Tensor]:
     """Train a PEFT LoRA (``lora_alpha = rank``) on the recipe's layers (`LORA_TARGETS`), the yardstick
     Share is measured against; returns its state dict for ``save_lora_weights``.
 
@@ -58,7 +61,8 @@ def train_lora_baseline(pipe, adapter_name: str, examples: list[Example], steps:
     params = [p for name, p in unet.named_parameters() if f".{adapter_name}." in name and "lora_" in name]
     for p in params:
         p.requires_grad_(True)
-    train_in_process(pipe, params, examples, steps, lr, batch_size=batch_size, seed=seed, center_crop=center_crop, penalty=penalty)
+    train_in_process(pipe, params, examples, steps, lr, batch_size=batch_size, seed=seed, center_crop=center_crop, penalty=penalty,
+                     lr_scheduler=lr_scheduler)
     for p in params:
         p.requires_grad_(False)
     # PEFT's keys, which save_lora_weights / load_lora_weights take as they are. (convert_state_dict_to_diffusers

@@ -153,7 +153,8 @@ def generation_metrics(pipe, concept: world.ConceptFolder, classifier: IdentityC
     captions = [concept.heldout[i % len(concept.heldout)].caption for i in range(n)]
     images = generate(pipe, captions, seed, **generate_kwargs)
     hits = sum(label == concept.name for label in classifier.predict(images))
-    return {"identity": hits / n, "identity_interval": wilson_interval(hits, n), **prompt_following(images, captions)}
+    return {"identity": hits / n, "identity_interval": wilson_interval(hits, n), "images": n,
+            **prompt_following(images, captions)}
 
 
 def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -165,6 +166,17 @@ def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (rate + spread / 2) / (1 + spread)
     half = z * np.sqrt(rate * (1 - rate) / n + spread / (4 * n)) / (1 + spread)
     return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def identity_gaps(a, b, n: int) -> str:
+    """Per-concept identity differences a − b in points, each with the 95% sampling interval of n images
+    each, and how many are within 5 and within 10 points (the reproducibility goal's threshold)."""
+    a, b = np.array(a), np.array(b)
+    gaps = 100 * (a - b)
+    noise = 100 * 1.96 * np.sqrt((a * (1 - a) + b * (1 - b)) / n)  # 95% interval of a difference of two rates
+    return (f"{gaps.mean():+.0f} points on average; per concept {(abs(gaps) <= 5).sum()} of {len(gaps)} within 5 points, "
+            f"{(abs(gaps) <= 10).sum()} within 10, {(abs(gaps) <= noise).sum()} within their 95% sampling interval at "
+            f"{n} images each (differences {', '.join(f'{g:+.0f}±{h:.0f}' for g, h in zip(gaps, noise))}).")
 
 
 def identity_accuracy(pipe, concept: world.ConceptFolder, **kwargs) -> float:
