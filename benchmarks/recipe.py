@@ -9,7 +9,7 @@ and a re-run skips what is there, so an interrupted sweep continues.
 A recipe is RANK:LAYERS:STEPS:LR[:SCHEDULE], LAYERS a '+'-joined list of groups: attn (to_q/k/v/out.0), proj
 (proj_in/out), ff (the feed-forward), conv (the ResNet blocks' conv1/conv2, LoCon-style), SCHEDULE a
 Diffusers learning-rate schedule (default constant, as learn_concept.py's). The shipped
-recipe (share_lab.baselines.LORA_TARGETS) is 4:attn+conv:400:3e-3.
+recipe (share_lab.baselines.LORA_TARGETS, RECIPE_STEPS) is 4:attn+conv:800:3e-3.
 
     python benchmarks/recipe.py --recipes 4:attn:400:3e-3 4:attn+conv:400:3e-3 --every 2 \
         --scales 1.5 2.5 5 --images 24 --out docs/results/recipes-v6.json

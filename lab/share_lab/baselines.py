@@ -33,7 +33,7 @@ from share_diffusers.training import Example, train_in_process
 # the attention projections Diffusers' train_dreambooth_lora.py targets, plus the ResNet blocks' 3×3
 # conv1/conv2, as LoCon adapts them. The tiny base has no attention at its 16×16 level, where outlines,
 # dots and stripes are drawn; with the convolutions the same 400 steps draw a concept about 20 points
-# more often, and 800 steps draw the one concept 400 missed, a thin outline, (benchmarks/recipe.py,
+# more often, and 800 steps draw the one concept 400 missed, a thin outline (benchmarks/recipe.py,
 # docs/results/recipes-v6.json). Every method is trained for RECIPE_STEPS per concept, Share included.
 RESNET_CONVS = ("conv1", "conv2")
 LORA_TARGETS = [*PROJECTIONS["unet"], *RESNET_CONVS]
