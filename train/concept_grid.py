@@ -5,8 +5,8 @@ Row = 2 of the concept's training renders · ``--images`` images its reference L
 prompts · the same prompts and seeds with the concept selected in the Share file · one image of the
 untrained base (the trigger alone means nothing to it). So a reader sees whether a row is its concept.
 
-    python train/concept_grid.py --share runs/c10s800/share/share.safetensors --out docs/images/concepts_grid.png
-    # (benchmarks/continual.py --concepts 10 --methods share lora ... --out runs/c10s800 wrote the file)
+    python train/concept_grid.py --share runs/c10s800-lr5e-3/share/share/share.safetensors --out docs/images/concepts_grid.png
+    # (benchmarks/continual.py --concepts 10 --methods share --lr share=5e-3 ... --out runs/c10s800-lr5e-3/share wrote the file)
 """
 
 import argparse
