@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
             pipe.set_progress_bar_config(disable=True)
             train_lora_baseline(pipe, "recipe", read_instance_images(concept.path / "train", None), recipe["steps"],
                                 recipe["lr"], rank=recipe["rank"], seed=args.seed, target_modules=recipe["target_modules"],
-                                lr_scheduler=recipe.get("lr_scheduler", "constant"))
+                                lr_scheduler=recipe["lr_scheduler"])
             trained = time.time() - start
             rows["per_concept"][concept.name] = {
                 str(scale): evaluation.generation_metrics(pipe, concept, classifier, n=args.images,
